@@ -1,0 +1,639 @@
+//! Typed channel ends: [`Sender`], [`Receiver`] and the local pair constructor [`channel`].
+
+use std::fmt;
+use std::future::poll_fn;
+use std::marker::PhantomData;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+
+use serde::de::Error as _;
+use serde::ser::Error as _;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use tokio::sync::mpsc;
+
+use crate::error::{Error, ErrorKind, SendError, TrySendError};
+use crate::frame::StreamKind;
+use crate::message::{OutRef, RefKind, WireRef};
+use crate::session::{
+    decode_message, discard_message, encode_message, with_decode, with_encode, Attach, Message,
+    NetSession,
+};
+
+pub(crate) enum Item<T> {
+    Value(T),
+    Error(Error),
+    End,
+}
+
+/// Creates a local channel with room for `buffer` messages (at least 1).
+///
+/// Either end can be kept, or sent in a message over any session; it keeps working on the
+/// other side exactly as it does here.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// let (tx, mut rx) = libchan_core::channel::<u32>(8);
+/// tx.send(7).await.unwrap();
+/// drop(tx);
+/// assert_eq!(rx.recv().await.unwrap(), Some(7));
+/// assert_eq!(rx.recv().await.unwrap(), None);
+/// # }
+/// ```
+pub fn channel<T: Send + 'static>(buffer: usize) -> (Sender<T>, Receiver<T>) {
+    let (tx, rx) = mpsc::channel(buffer.max(1));
+    (
+        Sender {
+            inner: SenderInner::Local(LocalSender {
+                tx,
+                closed: Arc::new(AtomicBool::new(false)),
+            }),
+        },
+        Receiver {
+            slot: Arc::new(Mutex::new(Some(RecvInner::Local { rx, done: false }))),
+        },
+    )
+}
+
+/// The sending end of a channel. Clone it to send from several tasks.
+///
+/// The channel ends cleanly (the receiver gets `Ok(None)`) when every clone is dropped or
+/// one calls [`close`](Sender::close).
+pub struct Sender<T> {
+    inner: SenderInner<T>,
+}
+
+enum SenderInner<T> {
+    Local(LocalSender<T>),
+    Remote(Arc<RemoteSender>, PhantomData<fn(T)>),
+}
+
+struct LocalSender<T> {
+    tx: mpsc::Sender<Item<T>>,
+    closed: Arc<AtomicBool>,
+}
+
+pub(crate) struct RemoteSender {
+    session: Arc<NetSession>,
+    id: u32,
+    closed: AtomicBool,
+    size_hint: AtomicUsize,
+}
+
+impl Drop for RemoteSender {
+    fn drop(&mut self) {
+        self.session.conn.finish(self.id);
+        self.session.conn.release(self.id);
+    }
+}
+
+impl<T> Clone for Sender<T> {
+    fn clone(&self) -> Self {
+        Sender {
+            inner: match &self.inner {
+                SenderInner::Local(l) => SenderInner::Local(LocalSender {
+                    tx: l.tx.clone(),
+                    closed: l.closed.clone(),
+                }),
+                SenderInner::Remote(r, _) => SenderInner::Remote(r.clone(), PhantomData),
+            },
+        }
+    }
+}
+
+impl<T> fmt::Debug for Sender<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.inner {
+            SenderInner::Local(_) => f.debug_struct("Sender").field("local", &true).finish(),
+            SenderInner::Remote(r, _) => f.debug_struct("Sender").field("stream", &r.id).finish(),
+        }
+    }
+}
+
+impl<T: Message> Sender<T> {
+    pub(crate) fn remote(session: Arc<NetSession>, id: u32) -> Self {
+        Sender {
+            inner: SenderInner::Remote(
+                Arc::new(RemoteSender {
+                    session,
+                    id,
+                    closed: AtomicBool::new(false),
+                    size_hint: AtomicUsize::new(64),
+                }),
+                PhantomData,
+            ),
+        }
+    }
+
+    /// Sends a message, waiting for capacity (backpressure) if the channel is full.
+    ///
+    /// Over a connection, `Ok` means the message is queued for the peer, in order after
+    /// earlier messages of this channel; see the delivery rules in the crate docs. On error
+    /// the message is handed back.
+    ///
+    /// # Cancel safety
+    /// If the future is dropped before it completes, the message was not sent.
+    pub async fn send(&self, value: T) -> Result<(), SendError<T>> {
+        match &self.inner {
+            SenderInner::Local(l) => {
+                if l.closed.load(Ordering::Acquire) {
+                    return Err(SendError {
+                        message: value,
+                        error: Error::closed("send after close"),
+                    });
+                }
+                l.tx.send(Item::Value(value)).await.map_err(|e| SendError {
+                    message: match e.0 {
+                        Item::Value(v) => v,
+                        _ => unreachable!("sent a value"),
+                    },
+                    error: Error::new(ErrorKind::Reset, "receiver dropped"),
+                })
+            }
+            SenderInner::Remote(r, _) => {
+                if r.closed.load(Ordering::Acquire) {
+                    return Err(SendError {
+                        message: value,
+                        error: Error::closed("send after close"),
+                    });
+                }
+                if let Err(error) = poll_fn(|cx| r.session.conn.poll_send_ready(cx, r.id)).await {
+                    return Err(SendError {
+                        message: value,
+                        error,
+                    });
+                }
+                remote_send(r, value)
+            }
+        }
+    }
+
+    /// Sends a message if there is capacity now.
+    pub fn try_send(&self, value: T) -> Result<(), TrySendError<T>> {
+        match &self.inner {
+            SenderInner::Local(l) => {
+                if l.closed.load(Ordering::Acquire) {
+                    return Err(TrySendError::Failed(SendError {
+                        message: value,
+                        error: Error::closed("send after close"),
+                    }));
+                }
+                l.tx.try_send(Item::Value(value)).map_err(|e| match e {
+                    mpsc::error::TrySendError::Full(Item::Value(v)) => TrySendError::Full(v),
+                    mpsc::error::TrySendError::Closed(Item::Value(v)) => {
+                        TrySendError::Failed(SendError {
+                            message: v,
+                            error: Error::new(ErrorKind::Reset, "receiver dropped"),
+                        })
+                    }
+                    _ => unreachable!("sent a value"),
+                })
+            }
+            SenderInner::Remote(r, _) => {
+                if r.closed.load(Ordering::Acquire) {
+                    return Err(TrySendError::Failed(SendError {
+                        message: value,
+                        error: Error::closed("send after close"),
+                    }));
+                }
+                let waker = std::task::Waker::noop();
+                let mut cx = Context::from_waker(waker);
+                match r.session.conn.poll_send_ready(&mut cx, r.id) {
+                    Poll::Pending => Err(TrySendError::Full(value)),
+                    Poll::Ready(Err(error)) => Err(TrySendError::Failed(SendError {
+                        message: value,
+                        error,
+                    })),
+                    Poll::Ready(Ok(())) => remote_send(r, value).map_err(TrySendError::Failed),
+                }
+            }
+        }
+    }
+
+    /// Ends the channel cleanly for every clone: the receiver gets the messages sent so
+    /// far, then `Ok(None)`. Later sends fail with a [`Closed`](ErrorKind::Closed) error;
+    /// closing twice does nothing.
+    pub async fn close(&self) {
+        self.end(None).await
+    }
+
+    /// Ends the channel with an application error: the receiver gets the messages sent so
+    /// far, then an [`ErrorKind::Remote`] error carrying `message`, then `Ok(None)`.
+    pub async fn close_with_error(&self, message: impl Into<String>) {
+        self.end(Some(message.into())).await
+    }
+
+    async fn end(&self, error: Option<String>) {
+        match &self.inner {
+            SenderInner::Local(l) => {
+                if l.closed.swap(true, Ordering::AcqRel) {
+                    return;
+                }
+                if let Some(m) = error {
+                    let _ =
+                        l.tx.send(Item::Error(Error::new(ErrorKind::Remote, m)))
+                            .await;
+                }
+                let _ = l.tx.send(Item::End).await;
+            }
+            SenderInner::Remote(r, _) => {
+                if r.closed.swap(true, Ordering::AcqRel) {
+                    return;
+                }
+                match error {
+                    None => r.session.conn.finish(r.id),
+                    Some(m) => r.session.conn.close_with_error(r.id, &m),
+                }
+            }
+        }
+    }
+
+    /// Waits until the receiving end is gone (dropped, or its connection lost).
+    pub async fn closed(&self) {
+        match &self.inner {
+            SenderInner::Local(l) => l.tx.closed().await,
+            SenderInner::Remote(r, _) => {
+                poll_fn(|cx| r.session.conn.poll_send_closed(cx, r.id)).await
+            }
+        }
+    }
+
+    /// Waits until every message sent so far has been handed to the transport.
+    /// (Local channels: returns at once.)
+    pub async fn flush(&self) -> Result<(), Error> {
+        match &self.inner {
+            SenderInner::Local(_) => Ok(()),
+            SenderInner::Remote(r, _) => poll_fn(|cx| r.session.conn.poll_flush(cx, r.id)).await,
+        }
+    }
+
+    /// True if both handles send on the same channel.
+    pub fn same_channel(&self, other: &Sender<T>) -> bool {
+        match (&self.inner, &other.inner) {
+            (SenderInner::Local(a), SenderInner::Local(b)) => a.tx.same_channel(&b.tx),
+            (SenderInner::Remote(a, _), SenderInner::Remote(b, _)) => Arc::ptr_eq(a, b),
+            _ => false,
+        }
+    }
+}
+
+fn remote_send<T: Message>(r: &Arc<RemoteSender>, value: T) -> Result<(), SendError<T>> {
+    let hint = r.size_hint.load(Ordering::Relaxed);
+    let (msg, attach) = match encode_message(&r.session, &value, Vec::with_capacity(hint)) {
+        Ok(x) => x,
+        Err(error) => {
+            return Err(SendError {
+                message: value,
+                error,
+            })
+        }
+    };
+    r.size_hint
+        .store(msg.len().min(64 * 1024), Ordering::Relaxed);
+    match r.session.conn.send_message(r.id, msg) {
+        Ok(ids) => {
+            let mut ids = ids.into_iter();
+            for a in attach.into_iter().flatten() {
+                // Attachments of new streams get ids in order; others get none.
+                a.install_next(&r.session, &mut ids);
+            }
+            drop(value);
+            Ok(())
+        }
+        Err(error) => {
+            for a in attach.into_iter().flatten() {
+                a.restore();
+            }
+            Err(SendError {
+                message: value,
+                error,
+            })
+        }
+    }
+}
+
+trait InstallNext {
+    fn install_next(self, session: &Arc<NetSession>, ids: &mut std::vec::IntoIter<u32>);
+}
+
+impl InstallNext for Box<dyn Attach> {
+    fn install_next(self, session: &Arc<NetSession>, ids: &mut std::vec::IntoIter<u32>) {
+        match ids.next() {
+            Some(id) => self.install(session, id),
+            None => self.restore(),
+        }
+    }
+}
+
+/// The receiving end of a channel.
+pub struct Receiver<T> {
+    slot: Arc<Mutex<Option<RecvInner<T>>>>,
+}
+
+enum RecvInner<T> {
+    Local {
+        rx: mpsc::Receiver<Item<T>>,
+        done: bool,
+    },
+    Remote(RemoteReceiver),
+}
+
+pub(crate) struct RemoteReceiver {
+    session: Arc<NetSession>,
+    id: u32,
+}
+
+impl Drop for RemoteReceiver {
+    fn drop(&mut self) {
+        self.session.conn.release(self.id);
+    }
+}
+
+impl<T> fmt::Debug for Receiver<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Receiver").finish_non_exhaustive()
+    }
+}
+
+impl<T: Message> Receiver<T> {
+    pub(crate) fn remote(session: Arc<NetSession>, id: u32) -> Self {
+        Receiver {
+            slot: Arc::new(Mutex::new(Some(RecvInner::Remote(RemoteReceiver {
+                session,
+                id,
+            })))),
+        }
+    }
+
+    /// Receives the next message.
+    ///
+    /// `Ok(Some(v))` is a message, `Ok(None)` a clean end of stream (and again on every
+    /// later call). Errors tell apart a lost connection, the peer's application error
+    /// ([`close_with_error`](Sender::close_with_error); the channel then ends), a message
+    /// that could not be decoded (the channel goes on) and local misuse.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: no message is lost if the future is dropped.
+    pub async fn recv(&mut self) -> Result<Option<T>, Error> {
+        poll_fn(|cx| self.poll_recv(cx)).await
+    }
+
+    /// Polls for the next message; see [`recv`](Receiver::recv).
+    pub fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<T>, Error>> {
+        let mut slot = self.slot.lock().unwrap_or_else(|e| e.into_inner());
+        match slot.as_mut() {
+            None => Poll::Ready(Err(Error::closed("receiver was moved into a message"))),
+            Some(RecvInner::Local { rx, done }) => {
+                if *done {
+                    return Poll::Ready(Ok(None));
+                }
+                match rx.poll_recv(cx) {
+                    Poll::Pending => Poll::Pending,
+                    Poll::Ready(None) | Poll::Ready(Some(Item::End)) => {
+                        *done = true;
+                        rx.close();
+                        Poll::Ready(Ok(None))
+                    }
+                    Poll::Ready(Some(Item::Value(v))) => Poll::Ready(Ok(Some(v))),
+                    Poll::Ready(Some(Item::Error(e))) => Poll::Ready(Err(e)),
+                }
+            }
+            Some(RecvInner::Remote(r)) => match r.session.conn.poll_recv(cx, r.id) {
+                Poll::Pending => Poll::Pending,
+                Poll::Ready(Ok(None)) => Poll::Ready(Ok(None)),
+                Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+                Poll::Ready(Ok(Some(m))) => {
+                    Poll::Ready(decode_message::<T>(&r.session, r.id, m).map(Some))
+                }
+            },
+        }
+    }
+
+    /// Stops the channel: senders see it closed; messages already queued can still be
+    /// received.
+    pub fn close(&mut self) {
+        let mut slot = self.slot.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(RecvInner::Local { rx, .. }) = slot.as_mut() {
+            rx.close();
+        }
+    }
+}
+
+impl<T> Drop for Receiver<T> {
+    fn drop(&mut self) {
+        // Messages still queued in a remote receiver may reference streams: release them.
+        let taken = self.slot.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(RecvInner::Remote(r)) = taken {
+            let waker = std::task::Waker::noop();
+            let mut cx = Context::from_waker(waker);
+            let mut n = 0;
+            while let Poll::Ready(Ok(Some(m))) = r.session.conn.poll_recv(&mut cx, r.id) {
+                discard_message(&r.session, &m);
+                n += 1;
+                if n > 4096 {
+                    break;
+                }
+            }
+        }
+    }
+}
+
+// ---- serialization of ends -------------------------------------------------------------
+
+fn outside<R>(what: &str, f: impl FnOnce(String) -> R) -> R {
+    f(format!(
+        "a libchan {what} can only be serialized by a libchan send on a session"
+    ))
+}
+
+impl<T: Message> Serialize for Sender<T> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let marker = with_encode(|ctx| {
+            // Sent back to the session that created its stream: refer to that stream.
+            if let SenderInner::Remote(r, _) = &self.inner {
+                if Arc::ptr_eq(&r.session, ctx.session) && !ctx.session.conn.is_local(r.id) {
+                    return ctx.push(
+                        OutRef::Existing(WireRef {
+                            kind: RefKind::Sender,
+                            id: r.id,
+                        }),
+                        None,
+                    );
+                }
+            }
+            ctx.push(
+                OutRef::New(RefKind::Sender),
+                Some(Box::new(SenderAttach(self.clone()))),
+            )
+        });
+        match marker {
+            Some(m) => erased_serde::serialize(&*m, s),
+            None => outside("Sender", |m| Err(S::Error::custom(m))),
+        }
+    }
+}
+
+impl<'de, T: Message> Deserialize<'de> for Sender<T> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let ctx_codec = with_decode(|ctx| ctx.session.codec.clone());
+        let Some(codec) = ctx_codec else {
+            return outside("Sender", |m| Err(D::Error::custom(m)));
+        };
+        let mut erased = <dyn erased_serde::Deserializer>::erase(d);
+        let index = codec.read_ref(&mut erased).map_err(D::Error::custom)?;
+        with_decode(|ctx| -> Result<Self, String> {
+            let r = ctx.take(index, &[RefKind::Sender])?;
+            if ctx.session.conn.is_local(r.id) {
+                return ctx.session.exported_sender::<T>(r.id).ok_or_else(|| {
+                    format!(
+                        "reference to our stream {} is not a Sender of this type",
+                        r.id
+                    )
+                });
+            }
+            ctx.session
+                .conn
+                .claim(ctx.parent, r.id, StreamKind::OpenerReceives)
+                .map_err(|e| e.message().to_owned())?;
+            Ok(Sender::remote(ctx.session.clone(), r.id))
+        })
+        .expect("decode context present")
+        .map_err(D::Error::custom)
+    }
+}
+
+impl<T: Message> Serialize for Receiver<T> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let marker = with_encode(|ctx| {
+            let taken = self.slot.lock().unwrap_or_else(|e| e.into_inner()).take();
+            let Some(inner) = taken else {
+                return Err("Receiver was already moved into another message".to_owned());
+            };
+            Ok(ctx.push(
+                OutRef::New(RefKind::Receiver),
+                Some(Box::new(ReceiverAttach {
+                    slot: self.slot.clone(),
+                    inner: Some(inner),
+                })),
+            ))
+        });
+        match marker {
+            Some(Ok(m)) => erased_serde::serialize(&*m, s),
+            Some(Err(e)) => Err(S::Error::custom(e)),
+            None => outside("Receiver", |m| Err(S::Error::custom(m))),
+        }
+    }
+}
+
+impl<'de, T: Message> Deserialize<'de> for Receiver<T> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let Some(codec) = with_decode(|ctx| ctx.session.codec.clone()) else {
+            return outside("Receiver", |m| Err(D::Error::custom(m)));
+        };
+        let mut erased = <dyn erased_serde::Deserializer>::erase(d);
+        let index = codec.read_ref(&mut erased).map_err(D::Error::custom)?;
+        with_decode(|ctx| -> Result<Self, String> {
+            let r = ctx.take(index, &[RefKind::Receiver])?;
+            ctx.session
+                .conn
+                .claim(ctx.parent, r.id, StreamKind::OpenerSends)
+                .map_err(|e| e.message().to_owned())?;
+            Ok(Receiver::remote(ctx.session.clone(), r.id))
+        })
+        .expect("decode context present")
+        .map_err(D::Error::custom)
+    }
+}
+
+/// A Sender sent in a message: the peer sends on a new stream, a task forwards into it.
+struct SenderAttach<T>(Sender<T>);
+
+impl<T: Message> Attach for SenderAttach<T> {
+    fn install(self: Box<Self>, session: &Arc<NetSession>, id: u32) {
+        let tx = self.0;
+        session.export_sender(id, tx.clone());
+        let mut rx = Receiver::<T>::remote(session.clone(), id);
+        let s = session.clone();
+        session.spawn(async move {
+            loop {
+                tokio::select! {
+                    r = rx.recv() => match r {
+                        Ok(Some(v)) => {
+                            if tx.send(v).await.is_err() {
+                                break;
+                            }
+                        }
+                        Ok(None) => break,
+                        Err(e) => {
+                            let end = !e.is_decode();
+                            forward_error(&tx, e).await;
+                            if end {
+                                break;
+                            }
+                        }
+                    },
+                    _ = tx.closed() => break,
+                }
+            }
+            drop(rx);
+            s.unexport(id);
+        });
+    }
+
+    fn restore(self: Box<Self>) {}
+}
+
+async fn forward_error<T: Message>(tx: &Sender<T>, e: Error) {
+    match &tx.inner {
+        SenderInner::Local(l) => {
+            let _ = l.tx.send(Item::Error(e)).await;
+        }
+        SenderInner::Remote(..) => {
+            if !e.is_decode() {
+                tx.close_with_error(e.to_string()).await;
+            }
+        }
+    }
+}
+
+/// A Receiver sent in a message: a task forwards what it receives to the peer.
+struct ReceiverAttach<T> {
+    slot: Arc<Mutex<Option<RecvInner<T>>>>,
+    inner: Option<RecvInner<T>>,
+}
+
+impl<T: Message> Attach for ReceiverAttach<T> {
+    fn install(mut self: Box<Self>, session: &Arc<NetSession>, id: u32) {
+        let inner = self.inner.take().expect("installed once");
+        let mut rx = Receiver {
+            slot: Arc::new(Mutex::new(Some(inner))),
+        };
+        let tx = Sender::<T>::remote(session.clone(), id);
+        session.spawn(async move {
+            loop {
+                tokio::select! {
+                    r = rx.recv() => match r {
+                        Ok(Some(v)) => {
+                            if tx.send(v).await.is_err() {
+                                break;
+                            }
+                        }
+                        Ok(None) => break,
+                        Err(e) => {
+                            tx.close_with_error(e.to_string()).await;
+                            break;
+                        }
+                    },
+                    _ = tx.closed() => break,
+                }
+            }
+        });
+    }
+
+    fn restore(mut self: Box<Self>) {
+        if let Some(inner) = self.inner.take() {
+            *self.slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(inner);
+        }
+    }
+}

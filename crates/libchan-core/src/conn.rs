@@ -1,0 +1,82 @@
+//! The stream-provider seam: what the session layer needs from a connection.
+//!
+//! A [`Connection`] opens and accepts streams and carries whole messages and bytes on them,
+//! with per-stream flow control. The multiplexer over any byte pipe ([`crate::driver`])
+//! implements it for unix, tcp and every transport that carries one ordered byte stream; a
+//! transport with native streams (HTTP/2, QUIC) implements it directly. The session layer
+//! ([`crate::Session`]) uses nothing else, so a new transport never touches it.
+
+use std::fmt;
+use std::task::{Context, Poll};
+
+use crate::error::Error;
+use crate::frame::StreamKind;
+use crate::message::{InMessage, OutMessage, WireRef};
+
+/// Counters of a connection, for tests and monitoring.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ConnectionStats {
+    /// Streams in the connection's table.
+    pub streams: usize,
+    /// Top-level channels opened by the peer and not accepted yet.
+    pub pending_accepts: usize,
+    /// Descriptors received and not yet claimed by a message.
+    pub unclaimed_fds: usize,
+}
+
+/// A connection that opens and accepts streams and carries messages and bytes on them.
+///
+/// Stream ids are `u32`, namespaced by who opened them ([`Connection::is_local`]). All
+/// methods are non-blocking; `poll_*` methods register the task's waker when they return
+/// `Pending`. Implementations must be cheap to call on every message.
+pub trait Connection: Send + Sync + fmt::Debug + 'static {
+    /// Name of the codec agreed in the handshake.
+    fn codec(&self) -> &str;
+    /// True if descriptors can be passed as such (unix sockets).
+    fn can_pass_fds(&self) -> bool;
+    /// True if stream `id` was opened by this side.
+    fn is_local(&self, id: u32) -> bool;
+    /// Opens a top-level stream to the peer.
+    fn open(&self, kind: StreamKind) -> Result<u32, Error>;
+    /// Waits for a top-level channel opened by the peer; `Ok(None)` when the session is
+    /// closing and none is left.
+    fn poll_accept(&self, cx: &mut Context<'_>) -> Poll<Result<Option<u32>, Error>>;
+    /// Takes ownership of stream `id`, opened by the peer for a message on `parent`.
+    fn claim(&self, parent: u32, id: u32, kind: StreamKind) -> Result<(), Error>;
+    /// Waits until channel `id` can take another message.
+    fn poll_send_ready(&self, cx: &mut Context<'_>, id: u32) -> Poll<Result<(), Error>>;
+    /// Queues a message on channel `id`; returns the ids of the streams it opened.
+    fn send_message(&self, id: u32, msg: OutMessage) -> Result<Vec<u32>, Error>;
+    /// Takes the next message of channel `id`; `Ok(None)` after a clean end.
+    fn poll_recv(&self, cx: &mut Context<'_>, id: u32) -> Poll<Result<Option<InMessage>, Error>>;
+    /// Reads from byte stream `id`; `Ok(0)` at its end.
+    fn poll_read(
+        &self,
+        cx: &mut Context<'_>,
+        id: u32,
+        buf: &mut [u8],
+    ) -> Poll<Result<usize, Error>>;
+    /// Writes to byte stream `id`.
+    fn poll_write(&self, cx: &mut Context<'_>, id: u32, buf: &[u8]) -> Poll<Result<usize, Error>>;
+    /// Waits until everything queued on `id` has been handed to the transport.
+    fn poll_flush(&self, cx: &mut Context<'_>, id: u32) -> Poll<Result<(), Error>>;
+    /// Ready once the send half of `id` can no longer deliver.
+    fn poll_send_closed(&self, cx: &mut Context<'_>, id: u32) -> Poll<()>;
+    /// Ends the send half of `id` cleanly.
+    fn finish(&self, id: u32);
+    /// Ends the send half of `id` with an application error.
+    fn close_with_error(&self, id: u32, message: &str);
+    /// The local handle of `id` is gone.
+    fn release(&self, id: u32);
+    /// Releases streams referenced by a received message that was not decoded.
+    fn release_refs(&self, refs: &[WireRef]);
+    /// Starts a graceful close (no new channels; existing ones finish).
+    fn close(&self);
+    /// Drops the connection now.
+    fn abort(&self);
+    /// The error that ended the connection, if it ended.
+    fn error(&self) -> Option<Error>;
+    /// Counters.
+    fn stats(&self) -> ConnectionStats;
+}

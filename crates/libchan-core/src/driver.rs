@@ -1,0 +1,521 @@
+//! The tokio driver that runs the multiplexer ([`crate::mux::Mux`]) over a byte pipe.
+//!
+//! A transport that carries one ordered byte stream (unix, tcp, tls, websocket, or one of
+//! yours) implements [`Link`] and calls [`crate::Session::over_link`]. Two tasks do the IO:
+//! a reader that feeds [`Mux::handle_input`] and wakes receivers, and a writer that batches
+//! whatever [`Mux::poll_transmit`] produces into few large writes. Senders never wait for
+//! the writer: they queue under a short lock and notify it.
+
+use std::fmt;
+use std::future::poll_fn;
+use std::io;
+use std::os::fd::OwnedFd;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
+
+pub use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+
+use crate::config::Config;
+use crate::conn::{Connection, ConnectionStats};
+use crate::error::{Error, ErrorKind};
+use crate::frame::{Reason, StreamKind};
+use crate::message::{InMessage, OutMessage, WireRef};
+use crate::mux::{Mux, Role};
+
+/// Size of one batch handed to the link by the writer.
+const WRITE_BATCH: usize = 256 * 1024;
+/// Read buffer growth step.
+const READ_CHUNK: usize = 128 * 1024;
+
+/// A byte pipe the multiplexer runs over, optionally passing descriptors.
+pub trait Link: Send + 'static {
+    /// True if [`LinkWrite::poll_write_fds`] really passes descriptors.
+    fn can_pass_fds(&self) -> bool {
+        false
+    }
+    /// Splits into independently owned halves.
+    fn split(self: Box<Self>) -> (Box<dyn LinkRead>, Box<dyn LinkWrite>);
+}
+
+/// The read half of a [`Link`].
+pub trait LinkRead: Send + 'static {
+    /// Reads into the spare capacity of `buf` (appending), and any descriptors that arrived
+    /// with those bytes into `fds`. `Ok(0)` is end of stream.
+    fn poll_read_fds(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut BytesMut,
+        fds: &mut Vec<OwnedFd>,
+    ) -> Poll<io::Result<usize>>;
+}
+
+/// The write half of a [`Link`].
+pub trait LinkWrite: Send + 'static {
+    /// Writes a prefix of `buf`; `fds` (possibly empty) must travel with its first byte.
+    fn poll_write_fds(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+        fds: &[OwnedFd],
+    ) -> Poll<io::Result<usize>>;
+    /// Shuts the write direction down.
+    fn poll_shutdown(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
+}
+
+/// A [`Link`] over any tokio byte stream (no descriptor passing).
+///
+/// ```
+/// # async fn f() {
+/// let (a, _b) = tokio::io::duplex(1 << 16);
+/// let link = libchan_core::driver::IoLink::new(a);
+/// # let _ = link;
+/// # }
+/// ```
+pub struct IoLink<S> {
+    io: S,
+}
+
+impl<S> IoLink<S> {
+    /// Wraps a byte stream.
+    pub fn new(io: S) -> Self {
+        IoLink { io }
+    }
+}
+
+impl<S> fmt::Debug for IoLink<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("IoLink").finish_non_exhaustive()
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Send + 'static> Link for IoLink<S> {
+    fn split(self: Box<Self>) -> (Box<dyn LinkRead>, Box<dyn LinkWrite>) {
+        let (r, w) = tokio::io::split(self.io);
+        (Box::new(IoRead(r)), Box::new(IoWrite(w)))
+    }
+}
+
+/// Read half adapter for any [`AsyncRead`].
+pub struct IoRead<R>(pub R);
+/// Write half adapter for any [`AsyncWrite`].
+pub struct IoWrite<W>(pub W);
+
+impl<R> fmt::Debug for IoRead<R> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("IoRead")
+    }
+}
+
+impl<W> fmt::Debug for IoWrite<W> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("IoWrite")
+    }
+}
+
+impl<R: AsyncRead + Send + Unpin + 'static> LinkRead for IoRead<R> {
+    fn poll_read_fds(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut BytesMut,
+        _fds: &mut Vec<OwnedFd>,
+    ) -> Poll<io::Result<usize>> {
+        poll_read_buf(Pin::new(&mut self.0), cx, buf)
+    }
+}
+
+/// Reads from an [`AsyncRead`] into the spare capacity of a `BytesMut`.
+pub fn poll_read_buf<R: AsyncRead + ?Sized>(
+    r: Pin<&mut R>,
+    cx: &mut Context<'_>,
+    buf: &mut BytesMut,
+) -> Poll<io::Result<usize>> {
+    let spare = buf.spare_capacity_mut();
+    let mut rb = ReadBuf::uninit(spare);
+    match r.poll_read(cx, &mut rb) {
+        Poll::Ready(Ok(())) => {
+            let n = rb.filled().len();
+            // SAFETY: `ReadBuf` guarantees the first `n` bytes of the spare capacity are
+            // initialized.
+            unsafe { buf.set_len(buf.len() + n) };
+            Poll::Ready(Ok(n))
+        }
+        Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+        Poll::Pending => Poll::Pending,
+    }
+}
+
+impl<W: AsyncWrite + Send + Unpin + 'static> LinkWrite for IoWrite<W> {
+    fn poll_write_fds(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+        fds: &[OwnedFd],
+    ) -> Poll<io::Result<usize>> {
+        if !fds.is_empty() {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "this link cannot pass file descriptors",
+            )));
+        }
+        Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+
+    fn poll_shutdown(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+}
+
+pub(crate) struct Shared {
+    mux: Mutex<Mux>,
+    notify: Notify,
+    tasks: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Mux> {
+        self.mux.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Runs `f` on the mux, then wakes whoever it asked for and the writer if needed.
+    fn with<R>(&self, f: impl FnOnce(&mut Mux) -> R) -> R {
+        let mut wakers: Vec<Waker> = Vec::new();
+        let (r, flush) = {
+            let mut m = self.lock();
+            let r = f(&mut m);
+            m.take_wakers(&mut wakers);
+            (r, m.take_flush())
+        };
+        for w in wakers {
+            w.wake();
+        }
+        if flush {
+            self.notify.notify_one();
+        }
+        r
+    }
+
+    fn abort_tasks(&self) {
+        let tasks = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(|e| e.into_inner()));
+        for t in tasks {
+            t.abort();
+        }
+    }
+}
+
+/// A [`Connection`] made of a [`Mux`] and its reader and writer tasks.
+pub struct MuxConnection {
+    shared: Arc<Shared>,
+    codec: String,
+    role: Role,
+    can_pass_fds: bool,
+}
+
+impl fmt::Debug for MuxConnection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MuxConnection")
+            .field("role", &self.role)
+            .field("codec", &self.codec)
+            .field("can_pass_fds", &self.can_pass_fds)
+            .finish()
+    }
+}
+
+impl MuxConnection {
+    /// Runs the handshake over `link` and starts the driver tasks on the current runtime.
+    pub async fn start(
+        link: Box<dyn Link>,
+        role: Role,
+        config: &Config,
+    ) -> Result<MuxConnection, Error> {
+        config
+            .limits
+            .validate()
+            .map_err(|m| Error::new(ErrorKind::Closed, format!("invalid limits: {m}")))?;
+        if config.codecs.is_empty() {
+            return Err(Error::closed("no codec configured"));
+        }
+        let can_pass_fds = link.can_pass_fds();
+        let mux = Mux::new(role, config.limits.clone(), config.codec_names());
+        let shared = Arc::new(Shared {
+            mux: Mutex::new(mux),
+            notify: Notify::new(),
+            tasks: Mutex::new(Vec::new()),
+        });
+        let (r, w) = link.split();
+        let reader = tokio::spawn(read_loop(shared.clone(), r));
+        let writer = tokio::spawn(write_loop(shared.clone(), w));
+        {
+            let mut t = shared.tasks.lock().unwrap_or_else(|e| e.into_inner());
+            t.push(reader);
+            t.push(writer);
+        }
+        if let Some(interval) = config.keepalive {
+            let ka = tokio::spawn(keepalive_loop(Arc::downgrade(&shared), interval));
+            shared
+                .tasks
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(ka);
+        }
+        let hs = poll_fn(|cx| shared.lock().poll_handshake(cx));
+        let codec = match tokio::time::timeout(config.handshake_timeout, hs).await {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => {
+                // Let the writer flush the GOAWAY that names the problem, briefly.
+                let _ = tokio::time::timeout(
+                    std::time::Duration::from_millis(200),
+                    poll_fn(|cx| {
+                        let done =
+                            shared.tasks.lock().unwrap_or_else(|e| e.into_inner())[1].is_finished();
+                        if done {
+                            Poll::Ready(())
+                        } else {
+                            cx.waker().wake_by_ref();
+                            Poll::Pending
+                        }
+                    }),
+                )
+                .await;
+                shared.abort_tasks();
+                return Err(e);
+            }
+            Err(_) => {
+                shared.abort_tasks();
+                return Err(Error::new(
+                    ErrorKind::Handshake,
+                    format!(
+                        "no handshake from the peer within handshake_timeout {:?}",
+                        config.handshake_timeout
+                    ),
+                ));
+            }
+        };
+        Ok(MuxConnection {
+            shared,
+            codec,
+            role,
+            can_pass_fds,
+        })
+    }
+}
+
+impl Drop for MuxConnection {
+    fn drop(&mut self) {
+        self.shared
+            .with(|m| m.goaway(Reason::NO_ERROR, "session closed"));
+    }
+}
+
+async fn read_loop(shared: Arc<Shared>, mut r: Box<dyn LinkRead>) {
+    let mut buf = BytesMut::with_capacity(READ_CHUNK);
+    let mut fds = Vec::new();
+    loop {
+        if buf.capacity() - buf.len() < READ_CHUNK / 4 {
+            buf.reserve(READ_CHUNK);
+        }
+        let res = poll_fn(|cx| r.poll_read_fds(cx, &mut buf, &mut fds)).await;
+        let stop = shared.with(|m| match res {
+            Ok(0) => {
+                m.handle_eof();
+                true
+            }
+            Ok(_) => m.handle_input(&mut buf, &mut fds).is_err() || m.lost().is_some(),
+            Err(e) => {
+                m.fail(Error::with_source(
+                    ErrorKind::ConnectionLost,
+                    format!("read failed: {e}"),
+                    e,
+                ));
+                true
+            }
+        });
+        if stop {
+            shared.notify.notify_one();
+            return;
+        }
+    }
+}
+
+async fn write_loop(shared: Arc<Shared>, mut w: Box<dyn LinkWrite>) {
+    let mut out = BytesMut::with_capacity(WRITE_BATCH + 64 * 1024);
+    let mut fds: Vec<OwnedFd> = Vec::new();
+    loop {
+        let (lost, drained) = shared.with(|m| {
+            m.poll_transmit(&mut out, &mut fds, WRITE_BATCH);
+            (m.lost().is_some(), m.is_drained())
+        });
+        if !out.is_empty() {
+            let mut pos = 0;
+            while pos < out.len() {
+                let res = poll_fn(|cx| w.poll_write_fds(cx, &out[pos..], &fds)).await;
+                match res {
+                    Ok(0) => {
+                        let e = io::Error::new(io::ErrorKind::WriteZero, "wrote 0 bytes");
+                        fail_write(&shared, e);
+                        return;
+                    }
+                    Ok(n) => {
+                        pos += n;
+                        fds.clear();
+                    }
+                    Err(e) => {
+                        fail_write(&shared, e);
+                        return;
+                    }
+                }
+            }
+            out.clear();
+            continue;
+        }
+        if lost || drained {
+            let _ = poll_fn(|cx| w.poll_shutdown(cx)).await;
+            if drained && !lost {
+                // Everything finished; the peer sees our GOAWAY and end of stream.
+                shared.with(|m| m.fail(Error::closed("session closed")));
+            }
+            return;
+        }
+        shared.notify.notified().await;
+    }
+}
+
+fn fail_write(shared: &Shared, e: io::Error) {
+    shared.with(|m| {
+        m.fail(Error::with_source(
+            ErrorKind::ConnectionLost,
+            format!("write failed: {e}"),
+            e,
+        ))
+    });
+}
+
+async fn keepalive_loop(shared: std::sync::Weak<Shared>, interval: std::time::Duration) {
+    let mut tick = tokio::time::interval(interval);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        let stop = shared.with(|m| {
+            if m.lost().is_some() {
+                return true;
+            }
+            if m.ping_outstanding() {
+                m.fail(Error::lost(format!(
+                    "keepalive: no answer to a ping within {interval:?}"
+                )));
+                return true;
+            }
+            m.ping();
+            false
+        });
+        if stop {
+            shared.abort_tasks();
+            return;
+        }
+    }
+}
+
+impl Connection for MuxConnection {
+    fn codec(&self) -> &str {
+        &self.codec
+    }
+
+    fn can_pass_fds(&self) -> bool {
+        self.can_pass_fds
+    }
+
+    fn is_local(&self, id: u32) -> bool {
+        self.role.owns(id)
+    }
+
+    fn open(&self, kind: StreamKind) -> Result<u32, Error> {
+        self.shared.with(|m| m.open(kind))
+    }
+
+    fn poll_accept(&self, cx: &mut Context<'_>) -> Poll<Result<Option<u32>, Error>> {
+        self.shared.with(|m| m.poll_accept(cx))
+    }
+
+    fn claim(&self, parent: u32, id: u32, kind: StreamKind) -> Result<(), Error> {
+        self.shared.with(|m| m.claim(parent, id, kind))
+    }
+
+    fn poll_send_ready(&self, cx: &mut Context<'_>, id: u32) -> Poll<Result<(), Error>> {
+        self.shared.with(|m| m.poll_send_ready(cx, id))
+    }
+
+    fn send_message(&self, id: u32, msg: OutMessage) -> Result<Vec<u32>, Error> {
+        self.shared.with(|m| m.send_message(id, msg))
+    }
+
+    fn poll_recv(&self, cx: &mut Context<'_>, id: u32) -> Poll<Result<Option<InMessage>, Error>> {
+        self.shared.with(|m| m.poll_recv(cx, id))
+    }
+
+    fn poll_read(
+        &self,
+        cx: &mut Context<'_>,
+        id: u32,
+        buf: &mut [u8],
+    ) -> Poll<Result<usize, Error>> {
+        self.shared.with(|m| m.poll_read(cx, id, buf))
+    }
+
+    fn poll_write(&self, cx: &mut Context<'_>, id: u32, buf: &[u8]) -> Poll<Result<usize, Error>> {
+        self.shared.with(|m| m.poll_write(cx, id, buf))
+    }
+
+    fn poll_flush(&self, cx: &mut Context<'_>, id: u32) -> Poll<Result<(), Error>> {
+        self.shared.with(|m| m.poll_flushed(cx, id))
+    }
+
+    fn poll_send_closed(&self, cx: &mut Context<'_>, id: u32) -> Poll<()> {
+        self.shared.with(|m| m.poll_send_closed(cx, id))
+    }
+
+    fn finish(&self, id: u32) {
+        self.shared.with(|m| m.finish(id))
+    }
+
+    fn close_with_error(&self, id: u32, message: &str) {
+        self.shared.with(|m| m.close_with_error(id, message))
+    }
+
+    fn release(&self, id: u32) {
+        self.shared.with(|m| m.release(id))
+    }
+
+    fn release_refs(&self, refs: &[WireRef]) {
+        self.shared.with(|m| m.release_refs(refs))
+    }
+
+    fn close(&self) {
+        self.shared
+            .with(|m| m.goaway(Reason::NO_ERROR, "session closed"))
+    }
+
+    fn abort(&self) {
+        self.shared
+            .with(|m| m.fail(Error::closed("session aborted locally")));
+        self.shared.abort_tasks();
+    }
+
+    fn error(&self) -> Option<Error> {
+        self.shared.lock().lost().cloned()
+    }
+
+    fn stats(&self) -> ConnectionStats {
+        let s = self.shared.lock().stats();
+        ConnectionStats {
+            streams: s.streams,
+            pending_accepts: s.pending_accepts,
+            unclaimed_fds: s.unclaimed_fds,
+        }
+    }
+}

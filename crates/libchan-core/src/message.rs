@@ -1,0 +1,167 @@
+//! The message layout inside a channel stream.
+//!
+//! A channel stream carries a sequence of messages; DATA frames carry arbitrary slices of
+//! that sequence, except that a message's 8-byte header never spans two frames.
+//!
+//! ```text
+//! +-------------------+-------------+-------------+------------------+------------------------+
+//! | payload_len (u32) | nrefs (u16) | nfds (u16)  | payload (codec)  | refs: nrefs x (kind u8,|
+//! |                   |             |             |                  |        id u32)         |
+//! +-------------------+-------------+-------------+------------------+------------------------+
+//! ```
+
+use std::fmt;
+use std::os::fd::OwnedFd;
+
+use bytes::Bytes;
+
+/// Length of the fixed message header.
+pub const MESSAGE_HEADER_LEN: usize = 8;
+/// Length of one reference entry.
+pub const REF_LEN: usize = 5;
+
+/// What a reference in a message stands for, as seen by the message's receiver.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum RefKind {
+    /// A Sender: the receiver of the message sends on stream `id`.
+    Sender,
+    /// A Receiver: the receiver of the message receives on stream `id`.
+    Receiver,
+    /// A byte stream on stream `id`.
+    ByteStream,
+    /// A file descriptor passed with the message; `id` indexes the message's fds.
+    Fd,
+    /// A file descriptor carried as a byte stream on stream `id`.
+    FdStream,
+}
+
+impl RefKind {
+    /// The wire code.
+    pub fn code(self) -> u8 {
+        match self {
+            RefKind::Sender => 1,
+            RefKind::Receiver => 2,
+            RefKind::ByteStream => 3,
+            RefKind::Fd => 4,
+            RefKind::FdStream => 5,
+        }
+    }
+
+    /// Parses a wire code.
+    pub fn from_code(c: u8) -> Option<Self> {
+        Some(match c {
+            1 => RefKind::Sender,
+            2 => RefKind::Receiver,
+            3 => RefKind::ByteStream,
+            4 => RefKind::Fd,
+            5 => RefKind::FdStream,
+            _ => return None,
+        })
+    }
+}
+
+/// One entry of a message's reference table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct WireRef {
+    /// What it stands for.
+    pub kind: RefKind,
+    /// A stream id, or for [`RefKind::Fd`] an index into the message's fds.
+    pub id: u32,
+}
+
+/// A whole message received on a channel stream.
+pub struct InMessage {
+    /// The codec's bytes.
+    pub payload: Bytes,
+    /// The reference table.
+    pub refs: Vec<WireRef>,
+    /// Descriptors passed with the message.
+    pub fds: Vec<OwnedFd>,
+}
+
+impl fmt::Debug for InMessage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("InMessage")
+            .field("payload_len", &self.payload.len())
+            .field("refs", &self.refs)
+            .field("fds", &self.fds.len())
+            .finish()
+    }
+}
+
+/// A reference to put in an outgoing message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OutRef {
+    /// A stream the connection opens with the message (its id is assigned when queued).
+    New(RefKind),
+    /// An existing stream or fd index.
+    Existing(WireRef),
+}
+
+/// A message ready to be queued on a channel stream.
+///
+/// Built by the session layer: header placeholder, codec payload, reference slots.
+pub struct OutMessage {
+    pub(crate) buf: Vec<u8>,
+    pub(crate) payload_len: usize,
+    pub(crate) refs: Vec<OutRef>,
+    pub(crate) fds: Vec<OwnedFd>,
+}
+
+impl fmt::Debug for OutMessage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("OutMessage")
+            .field("len", &self.buf.len())
+            .field("refs", &self.refs)
+            .field("fds", &self.fds.len())
+            .finish()
+    }
+}
+
+impl OutMessage {
+    /// Starts a message: returns a buffer with room for the header, to which the codec
+    /// appends the payload.
+    pub fn start(mut buf: Vec<u8>) -> Vec<u8> {
+        buf.clear();
+        buf.extend_from_slice(&[0; MESSAGE_HEADER_LEN]);
+        buf
+    }
+
+    /// Finishes a message whose payload was appended to a buffer from [`OutMessage::start`].
+    pub fn finish(mut buf: Vec<u8>, refs: Vec<OutRef>, fds: Vec<OwnedFd>) -> OutMessage {
+        let payload_len = buf.len() - MESSAGE_HEADER_LEN;
+        buf[0..4].copy_from_slice(&(payload_len as u32).to_be_bytes());
+        buf[4..6].copy_from_slice(&(refs.len() as u16).to_be_bytes());
+        buf[6..8].copy_from_slice(&(fds.len() as u16).to_be_bytes());
+        for r in &refs {
+            let (kind, id) = match r {
+                OutRef::New(k) => (*k, 0),
+                OutRef::Existing(w) => (w.kind, w.id),
+            };
+            buf.push(kind.code());
+            buf.extend_from_slice(&id.to_be_bytes());
+        }
+        OutMessage {
+            buf,
+            payload_len,
+            refs,
+            fds,
+        }
+    }
+
+    /// Total length on the wire.
+    pub fn len(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// True if the message has no bytes (never the case for a finished message).
+    pub fn is_empty(&self) -> bool {
+        self.buf.is_empty()
+    }
+
+    /// Writes the id assigned to the reference at `index`.
+    pub(crate) fn patch_id(&mut self, index: usize, id: u32) {
+        let at = MESSAGE_HEADER_LEN + self.payload_len + index * REF_LEN + 1;
+        self.buf[at..at + 4].copy_from_slice(&id.to_be_bytes());
+    }
+}

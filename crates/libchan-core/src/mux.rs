@@ -1,0 +1,1553 @@
+//! The multiplexing protocol as a pure state machine: bytes in, frames out, no IO.
+//!
+//! [`Mux`] owns every stream's state: flow-control credit, queued outgoing bytes, received
+//! messages waiting for the application. A driver (see [`crate::driver`]) feeds it the bytes
+//! it reads with [`Mux::handle_input`] and writes what [`Mux::poll_transmit`] produces. It
+//! never blocks, reads a clock or touches a socket, so it can be tested byte for byte.
+//!
+//! Stream halves move through these states:
+//!
+//! ```text
+//!  send half:  Open --finish/close/reset queued--> Ending --emitted--> Done
+//!                 \------------- RESET received / connection lost ------> Failed
+//!  recv half:  Open --DATA+FIN--> Fin      (drained, then Ok(None) forever)
+//!                  --CLOSE------> Error    (drained, then the peer's error once, then Fin)
+//!                  --RESET------> Failed   (drained, then the error)
+//! ```
+//!
+//! A stream entry is removed once the local handle is released and both halves are over.
+
+use std::collections::{HashMap, VecDeque};
+use std::os::fd::OwnedFd;
+use std::task::{Context, Poll, Waker};
+
+use bytes::{Bytes, BytesMut};
+
+use crate::config::Limits;
+use crate::error::{Error, ErrorKind};
+use crate::frame::{self, Frame, Hello, Reason, StreamKind, FLAG_FIN};
+use crate::message::{
+    InMessage, OutMessage, OutRef, RefKind, WireRef, MESSAGE_HEADER_LEN, REF_LEN,
+};
+
+/// Which end of the connection this is. Decides stream id parity.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Role {
+    /// The side that connected: opens odd stream ids.
+    Dialer,
+    /// The side that accepted: opens even stream ids.
+    Listener,
+}
+
+impl Role {
+    fn code(self) -> u8 {
+        match self {
+            Role::Dialer => 1,
+            Role::Listener => 2,
+        }
+    }
+
+    fn first_id(self) -> u32 {
+        match self {
+            Role::Dialer => 1,
+            Role::Listener => 2,
+        }
+    }
+
+    /// True if `id` is in this role's namespace.
+    pub fn owns(self, id: u32) -> bool {
+        (id % 2 == 1) == (self == Role::Dialer)
+    }
+}
+
+/// Counters of a connection, for tests and monitoring.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MuxStats {
+    /// Stream entries in the table.
+    pub streams: usize,
+    /// Top-level channels waiting to be accepted.
+    pub pending_accepts: usize,
+    /// Descriptors received but not yet claimed by a message.
+    pub unclaimed_fds: usize,
+}
+
+type RecvItem = Result<InMessage, Error>;
+
+enum End {
+    Fin,
+    Error(String),
+}
+
+#[derive(Clone)]
+enum RxState {
+    Open,
+    Fin,
+    Error(String),
+    Failed(Error),
+}
+
+enum TxState {
+    Open,
+    Ending,
+    Done,
+    Failed(Error),
+}
+
+struct Partial {
+    body: BytesMut,
+    need: usize,
+    payload_len: usize,
+    nrefs: usize,
+    fds: Vec<OwnedFd>,
+    /// Set when the message is being skipped (over a limit); holds the error to deliver.
+    discard: Option<Error>,
+    counted: usize,
+}
+
+struct Chunk {
+    data: Vec<u8>,
+    pos: usize,
+    fds: Vec<OwnedFd>,
+    message: bool,
+}
+
+struct Stream {
+    kind: StreamKind,
+    parent: u32,
+    handle: bool,
+    claimed: bool,
+    can_send: bool,
+    can_recv: bool,
+    // receive half
+    rx: RxState,
+    msgs: VecDeque<RecvItem>,
+    bytes: VecDeque<Bytes>,
+    buffered: usize,
+    partial: Option<Partial>,
+    outstanding: u32,
+    rx_waker: Option<Waker>,
+    // send half
+    tx: TxState,
+    queue: VecDeque<Chunk>,
+    pending: usize,
+    credit: u32,
+    end: Option<End>,
+    tx_waker: Option<Waker>,
+    in_ready: bool,
+    /// Send a RESET (CANCEL) right after the send half's end: the local handle is gone
+    /// while the peer may still be sending.
+    reset_after: bool,
+    /// Received messages not yet decoded that send this (local) Sender stream back to us.
+    pins: u32,
+}
+
+impl Stream {
+    fn new(kind: StreamKind, local: bool, parent: u32, credit: u32, outstanding: u32) -> Self {
+        let (can_send, can_recv) = match (kind, local) {
+            (StreamKind::Bytes, _) => (true, true),
+            (StreamKind::OpenerSends, true) | (StreamKind::OpenerReceives, false) => (true, false),
+            (StreamKind::OpenerSends, false) | (StreamKind::OpenerReceives, true) => (false, true),
+        };
+        Stream {
+            kind,
+            parent,
+            handle: local,
+            claimed: local,
+            can_send,
+            can_recv,
+            rx: RxState::Open,
+            msgs: VecDeque::new(),
+            bytes: VecDeque::new(),
+            buffered: 0,
+            partial: None,
+            outstanding: if can_recv { outstanding } else { 0 },
+            rx_waker: None,
+            tx: TxState::Open,
+            queue: VecDeque::new(),
+            pending: 0,
+            credit,
+            end: None,
+            tx_waker: None,
+            in_ready: false,
+            reset_after: false,
+            pins: 0,
+        }
+    }
+
+    fn rx_done(&self) -> bool {
+        !self.can_recv || !matches!(self.rx, RxState::Open)
+    }
+
+    fn tx_done(&self) -> bool {
+        !self.can_send || matches!(self.tx, TxState::Done | TxState::Failed(_))
+    }
+
+    fn sendable(&self) -> bool {
+        match self.queue.front() {
+            Some(c) => {
+                if c.message && c.pos == 0 {
+                    self.credit as usize >= MESSAGE_HEADER_LEN
+                } else {
+                    self.credit > 0
+                }
+            }
+            None => self.end.is_some(),
+        }
+    }
+}
+
+/// The protocol state of one connection.
+pub struct Mux {
+    role: Role,
+    local: Limits,
+    codecs: Vec<String>,
+    peer: Option<Hello>,
+    codec: Option<String>,
+    lost: Option<Error>,
+    goaway_sent: bool,
+    goaway_received: bool,
+    streams: HashMap<u32, Stream>,
+    next_local: u32,
+    last_peer: u32,
+    peer_open: u32,
+    local_open: u32,
+    accept_q: VecDeque<u32>,
+    accept_waker: Option<Waker>,
+    handshake_waker: Option<Waker>,
+    ctrl: BytesMut,
+    ready: VecDeque<u32>,
+    fd_in: VecDeque<OwnedFd>,
+    wakers: Vec<Waker>,
+    flush: bool,
+    ping_seq: u64,
+    ping_outstanding: bool,
+}
+
+impl std::fmt::Debug for Mux {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Mux")
+            .field("role", &self.role)
+            .field("codec", &self.codec)
+            .field("streams", &self.streams.len())
+            .field("lost", &self.lost)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Mux {
+    /// A new connection state; the HELLO is queued for transmission at once.
+    pub fn new(role: Role, local: Limits, codecs: Vec<String>) -> Self {
+        let mut ctrl = BytesMut::with_capacity(4096);
+        frame::encode_hello(
+            &mut ctrl,
+            &Hello {
+                version: frame::VERSION,
+                role: role.code(),
+                max_frame_size: local.max_frame_size,
+                max_message_size: local.max_message_size,
+                initial_window: local.initial_window,
+                max_streams: local.max_streams,
+                max_fds_per_message: local.max_fds_per_message,
+                max_refs_per_message: local.max_refs_per_message,
+                codecs: codecs.clone(),
+            },
+        );
+        Mux {
+            role,
+            local,
+            codecs,
+            peer: None,
+            codec: None,
+            lost: None,
+            goaway_sent: false,
+            goaway_received: false,
+            streams: HashMap::new(),
+            next_local: role.first_id(),
+            last_peer: 0,
+            peer_open: 0,
+            local_open: 0,
+            accept_q: VecDeque::new(),
+            accept_waker: None,
+            handshake_waker: None,
+            ctrl,
+            ready: VecDeque::new(),
+            fd_in: VecDeque::new(),
+            wakers: Vec::new(),
+            flush: true,
+            ping_seq: 0,
+            ping_outstanding: false,
+        }
+    }
+
+    /// This side's role.
+    pub fn role(&self) -> Role {
+        self.role
+    }
+
+    /// The peer's HELLO, once received.
+    pub fn peer(&self) -> Option<&Hello> {
+        self.peer.as_ref()
+    }
+
+    /// The codec both sides agreed on, once the handshake is done.
+    pub fn codec(&self) -> Option<&str> {
+        self.codec.as_deref()
+    }
+
+    /// The error that ended the connection, if it ended.
+    pub fn lost(&self) -> Option<&Error> {
+        self.lost.as_ref()
+    }
+
+    /// Counters for tests and monitoring.
+    pub fn stats(&self) -> MuxStats {
+        MuxStats {
+            streams: self.streams.len(),
+            pending_accepts: self.accept_q.len(),
+            unclaimed_fds: self.fd_in.len(),
+        }
+    }
+
+    /// True (once) if something was queued for transmission since the last call.
+    pub fn take_flush(&mut self) -> bool {
+        std::mem::take(&mut self.flush)
+    }
+
+    /// Wakers to wake (outside any lock) after an operation.
+    pub fn take_wakers(&mut self, into: &mut Vec<Waker>) {
+        into.append(&mut self.wakers);
+    }
+
+    /// Waits for the handshake: ready with the agreed codec, or the error.
+    pub fn poll_handshake(&mut self, cx: &mut Context<'_>) -> Poll<Result<String, Error>> {
+        if let Some(e) = &self.lost {
+            return Poll::Ready(Err(e.clone()));
+        }
+        match &self.codec {
+            Some(c) => Poll::Ready(Ok(c.clone())),
+            None => {
+                self.handshake_waker = Some(cx.waker().clone());
+                Poll::Pending
+            }
+        }
+    }
+
+    fn wake(&mut self, w: Option<Waker>) {
+        if let Some(w) = w {
+            self.wakers.push(w);
+        }
+    }
+
+    fn alloc_id(&mut self) -> Result<u32, Error> {
+        let id = self.next_local;
+        if id > 0x7fff_ffff {
+            return Err(Error::limit(
+                "stream ids of this session",
+                0x7fff_ffff,
+                u64::from(id),
+            ));
+        }
+        self.next_local += 2;
+        Ok(id)
+    }
+
+    fn check_open(&self) -> Result<&Hello, Error> {
+        if let Some(e) = &self.lost {
+            return Err(e.clone());
+        }
+        if self.goaway_sent {
+            return Err(Error::closed("session is closing"));
+        }
+        if self.goaway_received {
+            return Err(Error::new(
+                ErrorKind::Closed,
+                "peer is closing the session (GOAWAY)",
+            ));
+        }
+        self.peer
+            .as_ref()
+            .ok_or_else(|| Error::closed("handshake not finished"))
+    }
+
+    fn new_local_stream(&mut self, kind: StreamKind, parent: u32) -> Result<u32, Error> {
+        let peer = self.check_open()?;
+        if self.local_open >= peer.max_streams {
+            return Err(Error::limit(
+                "peer's max_streams",
+                u64::from(peer.max_streams),
+                u64::from(self.local_open) + 1,
+            ));
+        }
+        let credit = peer.initial_window;
+        let id = self.alloc_id()?;
+        frame::encode_open(&mut self.ctrl, id, kind, parent);
+        self.flush = true;
+        let outstanding = self.local.initial_window;
+        self.streams
+            .insert(id, Stream::new(kind, true, parent, credit, outstanding));
+        self.local_open += 1;
+        Ok(id)
+    }
+
+    /// Opens a top-level stream of `kind`; the handle is held by the caller.
+    pub fn open(&mut self, kind: StreamKind) -> Result<u32, Error> {
+        self.new_local_stream(kind, 0)
+    }
+
+    /// Waits for a top-level channel opened by the peer. `Ok(None)` once the peer said
+    /// GOAWAY and nothing is left to accept.
+    pub fn poll_accept(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<u32>, Error>> {
+        if let Some(id) = self.accept_q.pop_front() {
+            if let Some(s) = self.streams.get_mut(&id) {
+                s.handle = true;
+                s.claimed = true;
+            }
+            return Poll::Ready(Ok(Some(id)));
+        }
+        if self.goaway_received || self.goaway_sent {
+            return Poll::Ready(Ok(None));
+        }
+        if let Some(e) = &self.lost {
+            return Poll::Ready(Err(e.clone()));
+        }
+        self.accept_waker = Some(cx.waker().clone());
+        Poll::Pending
+    }
+
+    /// Claims a stream the peer opened as a reference in a message on `parent`.
+    pub fn claim(&mut self, parent: u32, id: u32, kind: StreamKind) -> Result<(), Error> {
+        if let Some(e) = &self.lost {
+            return Err(e.clone());
+        }
+        let Some(s) = self.streams.get_mut(&id) else {
+            return Err(Error::decode(format!(
+                "reference to stream {id}, which is not open"
+            )));
+        };
+        if self.role.owns(id) || s.claimed || s.parent != parent || s.kind != kind {
+            return Err(Error::decode(format!(
+                "reference to stream {id} does not match its OPEN (parent {}, kind {:?}; \
+                 expected parent {parent}, kind {kind:?}, unclaimed)",
+                s.parent, s.kind
+            )));
+        }
+        s.claimed = true;
+        s.handle = true;
+        Ok(())
+    }
+
+    /// Waits until stream `id` can take another message (its unsent bytes are below the
+    /// peer's window).
+    pub fn poll_send_ready(&mut self, cx: &mut Context<'_>, id: u32) -> Poll<Result<(), Error>> {
+        let threshold = self.peer.as_ref().map_or(0, |p| p.initial_window as usize);
+        let lost = self.lost.clone();
+        let Some(s) = self.streams.get_mut(&id) else {
+            return Poll::Ready(Err(
+                lost.unwrap_or_else(|| Error::closed("stream is closed"))
+            ));
+        };
+        match &s.tx {
+            TxState::Open => {}
+            TxState::Failed(e) => return Poll::Ready(Err(e.clone())),
+            _ => return Poll::Ready(Err(Error::closed("channel already closed"))),
+        }
+        if s.pending < threshold.max(1) {
+            return Poll::Ready(Ok(()));
+        }
+        s.tx_waker = Some(cx.waker().clone());
+        Poll::Pending
+    }
+
+    /// Ready when the send half of `id` can no longer deliver (the receiver went away or
+    /// the connection was lost).
+    pub fn poll_send_closed(&mut self, cx: &mut Context<'_>, id: u32) -> Poll<()> {
+        if self.lost.is_some() {
+            return Poll::Ready(());
+        }
+        match self.streams.get_mut(&id) {
+            None => Poll::Ready(()),
+            Some(s) => match s.tx {
+                TxState::Failed(_) | TxState::Done => Poll::Ready(()),
+                _ => {
+                    s.tx_waker = Some(cx.waker().clone());
+                    Poll::Pending
+                }
+            },
+        }
+    }
+
+    /// Queues a message on channel stream `id`, opening the streams it references.
+    /// Returns the ids assigned to its [`OutRef::New`] references, in order.
+    pub fn send_message(&mut self, id: u32, mut msg: OutMessage) -> Result<Vec<u32>, Error> {
+        if let Some(e) = &self.lost {
+            return Err(e.clone());
+        }
+        let Some(peer) = self.peer.as_ref() else {
+            return Err(Error::closed("handshake not finished"));
+        };
+        let (max_msg, max_refs, max_fds) = (
+            peer.max_message_size,
+            peer.max_refs_per_message,
+            peer.max_fds_per_message,
+        );
+        if msg.buf.len() > max_msg as usize {
+            return Err(Error::limit(
+                "peer's max_message_size",
+                u64::from(max_msg),
+                msg.buf.len() as u64,
+            ));
+        }
+        if msg.refs.len() > usize::from(max_refs) {
+            return Err(Error::limit(
+                "peer's max_refs_per_message",
+                u64::from(max_refs),
+                msg.refs.len() as u64,
+            ));
+        }
+        if msg.fds.len() > usize::from(max_fds) {
+            return Err(Error::limit(
+                "peer's max_fds_per_message",
+                u64::from(max_fds),
+                msg.fds.len() as u64,
+            ));
+        }
+        match self.streams.get(&id) {
+            Some(s) if s.can_send && s.kind != StreamKind::Bytes => match &s.tx {
+                TxState::Open => {}
+                TxState::Failed(e) => return Err(e.clone()),
+                _ => return Err(Error::closed("channel already closed")),
+            },
+            Some(_) => return Err(Error::closed("not a sending channel")),
+            None => return Err(Error::closed("channel is closed")),
+        }
+        let news = msg
+            .refs
+            .iter()
+            .filter(|r| matches!(r, OutRef::New(_)))
+            .count();
+        if news > 0 {
+            self.check_open()?;
+        }
+        let peer_max = self.peer.as_ref().map_or(0, |p| p.max_streams);
+        if self.local_open as usize + news > peer_max as usize {
+            return Err(Error::limit(
+                "peer's max_streams",
+                u64::from(peer_max),
+                self.local_open as u64 + news as u64,
+            ));
+        }
+        let mut ids = Vec::with_capacity(news);
+        for i in 0..msg.refs.len() {
+            if let OutRef::New(kind) = msg.refs[i] {
+                let sk = match kind {
+                    RefKind::Sender => StreamKind::OpenerReceives,
+                    RefKind::Receiver => StreamKind::OpenerSends,
+                    _ => StreamKind::Bytes,
+                };
+                let nid = self.new_local_stream(sk, id)?;
+                msg.patch_id(i, nid);
+                ids.push(nid);
+            }
+        }
+        let len = msg.buf.len();
+        let s = self.streams.get_mut(&id).expect("checked above");
+        s.queue.push_back(Chunk {
+            data: msg.buf,
+            pos: 0,
+            fds: msg.fds,
+            message: true,
+        });
+        s.pending += len;
+        self.mark_ready(id);
+        Ok(ids)
+    }
+
+    fn mark_ready(&mut self, id: u32) {
+        if let Some(s) = self.streams.get_mut(&id) {
+            if !s.in_ready && s.sendable() {
+                s.in_ready = true;
+                self.ready.push_back(id);
+                self.flush = true;
+            }
+        }
+    }
+
+    /// Writes bytes on byte stream `id`; returns how many were taken.
+    pub fn poll_write(
+        &mut self,
+        cx: &mut Context<'_>,
+        id: u32,
+        data: &[u8],
+    ) -> Poll<Result<usize, Error>> {
+        let threshold = match self.peer.as_ref() {
+            Some(p) => p.initial_window as usize,
+            None => return Poll::Ready(Err(Error::closed("handshake not finished"))),
+        };
+        let lost = self.lost.clone();
+        let Some(s) = self.streams.get_mut(&id) else {
+            return Poll::Ready(Err(
+                lost.unwrap_or_else(|| Error::closed("stream is closed"))
+            ));
+        };
+        match &s.tx {
+            TxState::Open => {}
+            TxState::Failed(e) => return Poll::Ready(Err(e.clone())),
+            _ => return Poll::Ready(Err(Error::closed("write after shutdown"))),
+        }
+        if let Some(e) = lost {
+            return Poll::Ready(Err(e));
+        }
+        if s.pending >= threshold {
+            s.tx_waker = Some(cx.waker().clone());
+            return Poll::Pending;
+        }
+        let n = data.len().min(threshold - s.pending);
+        if n == 0 {
+            return Poll::Ready(Ok(0));
+        }
+        s.queue.push_back(Chunk {
+            data: data[..n].to_vec(),
+            pos: 0,
+            fds: Vec::new(),
+            message: false,
+        });
+        s.pending += n;
+        self.mark_ready(id);
+        Poll::Ready(Ok(n))
+    }
+
+    /// Ends the send half of `id` cleanly after everything queued (DATA with FIN).
+    pub fn finish(&mut self, id: u32) {
+        self.end(id, End::Fin);
+    }
+
+    /// Ends the send half of `id` with an application error after everything queued.
+    pub fn close_with_error(&mut self, id: u32, message: &str) {
+        self.end(id, End::Error(message.to_owned()));
+    }
+
+    fn end(&mut self, id: u32, end: End) {
+        if let Some(s) = self.streams.get_mut(&id) {
+            if s.can_send && matches!(s.tx, TxState::Open) {
+                s.end = Some(end);
+                s.tx = TxState::Ending;
+                self.mark_ready(id);
+            }
+        }
+    }
+
+    /// Waits until stream `id` has sent everything queued (or failed).
+    pub fn poll_flushed(&mut self, cx: &mut Context<'_>, id: u32) -> Poll<Result<(), Error>> {
+        match self.streams.get_mut(&id) {
+            None => Poll::Ready(Ok(())),
+            Some(s) => {
+                if let TxState::Failed(e) = &s.tx {
+                    return Poll::Ready(Err(e.clone()));
+                }
+                if s.pending == 0 && s.end.is_none() {
+                    return Poll::Ready(Ok(()));
+                }
+                if let Some(e) = &self.lost {
+                    return Poll::Ready(Err(e.clone()));
+                }
+                s.tx_waker = Some(cx.waker().clone());
+                Poll::Pending
+            }
+        }
+    }
+
+    /// The local handle of `id` is gone. Unsent data is still sent; an open receive half is
+    /// reset so the peer stops sending.
+    pub fn release(&mut self, id: u32) {
+        let Some(s) = self.streams.get_mut(&id) else {
+            return;
+        };
+        s.handle = false;
+        let rx_open = s.can_recv && matches!(s.rx, RxState::Open);
+        let mut dropped = std::mem::take(&mut s.msgs);
+        s.bytes.clear();
+        s.buffered = 0;
+        if let Some(p) = s.partial.take() {
+            drop(p);
+        }
+        if rx_open {
+            s.rx = RxState::Failed(Error::closed("released"));
+            let tx_live = s.can_send && matches!(s.tx, TxState::Open | TxState::Ending);
+            if tx_live && (!s.queue.is_empty() || s.end.is_some()) {
+                // Send what is queued and the end first, then the RESET.
+                if s.end.is_none() {
+                    s.end = Some(End::Fin);
+                    s.tx = TxState::Ending;
+                }
+                s.reset_after = true;
+            } else {
+                s.queue.clear();
+                s.pending = 0;
+                s.end = None;
+                if s.can_send {
+                    s.tx = TxState::Done;
+                }
+                frame::encode_reset(&mut self.ctrl, id, Reason::CANCEL);
+                self.flush = true;
+            }
+        } else if s.can_send && matches!(s.tx, TxState::Open) {
+            s.end = Some(End::Fin);
+            s.tx = TxState::Ending;
+        }
+        self.mark_ready(id);
+        for m in dropped.drain(..).flatten() {
+            self.release_refs(&m.refs);
+        }
+        self.maybe_remove(id);
+    }
+
+    /// Releases the peer-opened streams referenced by a message nobody will decode.
+    ///
+    /// Also called for every message once decoded: it unpins the local Sender streams the
+    /// message sent back to us (see [`Mux::poll_recv`]). Claimed streams are left alone.
+    pub fn release_refs(&mut self, refs: &[WireRef]) {
+        for r in refs {
+            if r.kind == RefKind::Sender && self.role.owns(r.id) {
+                if let Some(s) = self.streams.get_mut(&r.id) {
+                    s.pins = s.pins.saturating_sub(1);
+                    if s.pins == 0 {
+                        let w = s.rx_waker.take();
+                        self.wake(w);
+                        self.maybe_remove(r.id);
+                    }
+                }
+                continue;
+            }
+            if r.kind != RefKind::Fd && !self.role.owns(r.id) {
+                let unclaimed = self.streams.get(&r.id).is_some_and(|s| !s.claimed);
+                if unclaimed {
+                    if let Some(s) = self.streams.get_mut(&r.id) {
+                        s.claimed = true;
+                        s.handle = true;
+                    }
+                    self.release(r.id);
+                }
+            }
+        }
+    }
+
+    fn maybe_remove(&mut self, id: u32) {
+        let remove = self
+            .streams
+            .get(&id)
+            .is_some_and(|s| !s.handle && s.claimed && s.pins == 0 && s.rx_done() && s.tx_done());
+        if remove {
+            self.streams.remove(&id);
+            if self.role.owns(id) {
+                self.local_open -= 1;
+            } else {
+                self.peer_open -= 1;
+            }
+        }
+    }
+
+    /// Takes the next message of channel stream `id`: `Ok(None)` after a clean end.
+    pub fn poll_recv(
+        &mut self,
+        cx: &mut Context<'_>,
+        id: u32,
+    ) -> Poll<Result<Option<InMessage>, Error>> {
+        let window = self.local.initial_window;
+        let lost = self.lost.clone();
+        let Some(s) = self.streams.get_mut(&id) else {
+            return Poll::Ready(Ok(None));
+        };
+        if let Some(item) = s.msgs.pop_front() {
+            if let Ok(m) = &item {
+                s.buffered -= m.payload.len() + m.refs.len() * REF_LEN + MESSAGE_HEADER_LEN;
+            }
+            Self::grant(&mut self.ctrl, &mut self.flush, id, s, window);
+            return Poll::Ready(item.map(Some));
+        }
+        if s.pins > 0 && lost.is_none() {
+            // A message sending this stream back to us is not decoded yet: the stream's
+            // forwarder must live until it is, so its end is reported afterwards.
+            s.rx_waker = Some(cx.waker().clone());
+            return Poll::Pending;
+        }
+        match s.rx.clone() {
+            RxState::Open => {
+                if let Some(e) = lost {
+                    return Poll::Ready(Err(e));
+                }
+                s.rx_waker = Some(cx.waker().clone());
+                Poll::Pending
+            }
+            RxState::Fin => Poll::Ready(Ok(None)),
+            RxState::Error(m) => {
+                s.rx = RxState::Fin;
+                Poll::Ready(Err(Error::new(ErrorKind::Remote, m)))
+            }
+            RxState::Failed(e) => Poll::Ready(Err(e)),
+        }
+    }
+
+    /// Reads bytes of byte stream `id` into `out`: `Ok(0)` at the end.
+    pub fn poll_read(
+        &mut self,
+        cx: &mut Context<'_>,
+        id: u32,
+        out: &mut [u8],
+    ) -> Poll<Result<usize, Error>> {
+        let window = self.local.initial_window;
+        let lost = self.lost.clone();
+        let Some(s) = self.streams.get_mut(&id) else {
+            return Poll::Ready(Ok(0));
+        };
+        if !s.bytes.is_empty() {
+            let mut n = 0;
+            while n < out.len() {
+                let Some(front) = s.bytes.front_mut() else {
+                    break;
+                };
+                let k = front.len().min(out.len() - n);
+                out[n..n + k].copy_from_slice(&front[..k]);
+                n += k;
+                if k == front.len() {
+                    s.bytes.pop_front();
+                } else {
+                    let _ = front.split_to(k);
+                }
+            }
+            s.buffered -= n;
+            Self::grant(&mut self.ctrl, &mut self.flush, id, s, window);
+            return Poll::Ready(Ok(n));
+        }
+        match s.rx.clone() {
+            RxState::Open => {
+                if let Some(e) = lost {
+                    return Poll::Ready(Err(e));
+                }
+                s.rx_waker = Some(cx.waker().clone());
+                Poll::Pending
+            }
+            RxState::Fin => Poll::Ready(Ok(0)),
+            RxState::Error(m) => {
+                s.rx = RxState::Fin;
+                Poll::Ready(Err(Error::new(ErrorKind::Remote, m)))
+            }
+            RxState::Failed(e) => Poll::Ready(Err(e)),
+        }
+    }
+
+    /// Grants credit for stream `s` per the receiver policy of docs/PROTOCOL.md §6.
+    fn grant(ctrl: &mut BytesMut, flush: &mut bool, id: u32, s: &mut Stream, window: u32) {
+        if !matches!(s.rx, RxState::Open) || !s.can_recv {
+            return;
+        }
+        let partial = s.partial.as_ref().map_or(0, |p| p.counted);
+        let charged = if s.msgs.is_empty() {
+            s.buffered
+        } else {
+            s.buffered + partial
+        };
+        let allowed = (window as usize).saturating_sub(charged);
+        let gap = allowed.saturating_sub(s.outstanding as usize);
+        if gap >= (window as usize) / 4 {
+            s.outstanding += gap as u32;
+            frame::encode_credit(ctrl, id, gap as u32);
+            *flush = true;
+        }
+    }
+
+    /// Sends a PING; true if one was sent (false while one is still unanswered).
+    pub fn ping(&mut self) -> bool {
+        if self.ping_outstanding {
+            return false;
+        }
+        self.ping_seq += 1;
+        self.ping_outstanding = true;
+        frame::encode_ping(&mut self.ctrl, false, self.ping_seq);
+        self.flush = true;
+        true
+    }
+
+    /// True if a PING is unanswered.
+    pub fn ping_outstanding(&self) -> bool {
+        self.ping_outstanding
+    }
+
+    /// Starts a graceful close: GOAWAY is sent, no new channels are accepted or opened,
+    /// existing ones finish.
+    pub fn goaway(&mut self, reason: Reason, message: &str) {
+        if self.goaway_sent || self.lost.is_some() {
+            return;
+        }
+        self.goaway_sent = true;
+        let max = self
+            .peer
+            .as_ref()
+            .map_or(Limits::MIN_FRAME_SIZE, |p| p.max_frame_size);
+        frame::encode_goaway(&mut self.ctrl, self.last_peer, reason, message, max);
+        self.flush = true;
+        let w = self.accept_waker.take();
+        self.wake(w);
+        let pending: Vec<u32> = self.accept_q.drain(..).collect();
+        for id in pending {
+            if let Some(s) = self.streams.get_mut(&id) {
+                s.claimed = true;
+                s.handle = true;
+            }
+            self.release(id);
+        }
+    }
+
+    /// True once GOAWAY was sent and every stream is gone: the connection may be shut.
+    pub fn is_drained(&self) -> bool {
+        self.goaway_sent && self.streams.is_empty() && self.ctrl.is_empty()
+    }
+
+    /// True if GOAWAY was sent or received.
+    pub fn is_closing(&self) -> bool {
+        self.goaway_sent || self.goaway_received
+    }
+
+    /// Ends the connection with `error`: every pending and later operation fails with it
+    /// (after already received messages are taken).
+    pub fn fail(&mut self, error: Error) {
+        if self.lost.is_some() {
+            return;
+        }
+        self.lost = Some(error.clone());
+        let w = self.accept_waker.take();
+        self.wake(w);
+        let w = self.handshake_waker.take();
+        self.wake(w);
+        let mut ws = Vec::new();
+        for s in self.streams.values_mut() {
+            if matches!(s.rx, RxState::Open) && s.can_recv {
+                s.rx = RxState::Failed(error.clone());
+            }
+            if matches!(s.tx, TxState::Open | TxState::Ending) && s.can_send {
+                s.tx = TxState::Failed(error.clone());
+                s.queue.clear();
+                s.pending = 0;
+                s.end = None;
+            }
+            ws.extend(s.rx_waker.take());
+            ws.extend(s.tx_waker.take());
+        }
+        self.wakers.extend(ws);
+        self.ready.clear();
+        self.fd_in.clear();
+        let ids: Vec<u32> = self.streams.keys().copied().collect();
+        for id in ids {
+            self.maybe_remove(id);
+        }
+    }
+
+    /// Fills `out` (up to about `max` bytes) with frames to send and `fds` with the
+    /// descriptors that must travel with them (attached to the first byte of `out`).
+    pub fn poll_transmit(&mut self, out: &mut BytesMut, fds: &mut Vec<OwnedFd>, max: usize) {
+        if !self.ctrl.is_empty() {
+            out.extend_from_slice(&self.ctrl);
+            self.ctrl.clear();
+        }
+        let Some(peer) = self.peer.as_ref() else {
+            return;
+        };
+        if self.lost.is_some() {
+            return;
+        }
+        let max_frame = peer.max_frame_size as usize;
+        let peer_max_frame = peer.max_frame_size;
+        let threshold = peer.initial_window as usize;
+        let fd_cap = 253usize;
+        while out.len() < max {
+            let Some(id) = self.ready.pop_front() else {
+                break;
+            };
+            let Some(s) = self.streams.get_mut(&id) else {
+                continue;
+            };
+            s.in_ready = false;
+            let room = max_frame
+                .min(s.credit as usize)
+                .min(max - out.len().min(max));
+            let at = out.len();
+            frame::encode_data_header(out, id, 0, false);
+            let mut n = 0;
+            while n < room {
+                let Some(c) = s.queue.front_mut() else {
+                    break;
+                };
+                if c.pos == 0 && c.message {
+                    if room - n < MESSAGE_HEADER_LEN {
+                        break;
+                    }
+                    if !c.fds.is_empty() {
+                        if fds.len() + c.fds.len() > fd_cap {
+                            break;
+                        }
+                        fds.append(&mut c.fds);
+                    }
+                }
+                let k = (c.data.len() - c.pos).min(room - n);
+                out.extend_from_slice(&c.data[c.pos..c.pos + k]);
+                c.pos += k;
+                n += k;
+                if c.pos == c.data.len() {
+                    s.queue.pop_front();
+                }
+            }
+            s.credit -= n as u32;
+            s.pending -= n;
+            let mut fin = false;
+            if s.queue.is_empty() {
+                match s.end.take() {
+                    Some(End::Fin) => fin = true,
+                    Some(End::Error(m)) => {
+                        if n == 0 {
+                            out.truncate(at);
+                        } else {
+                            frame::patch_len(out, at, n);
+                        }
+                        frame::encode_close(out, id, &m, peer_max_frame);
+                        if s.reset_after {
+                            frame::encode_reset(out, id, Reason::CANCEL);
+                        }
+                        s.tx = TxState::Done;
+                        let w = s.tx_waker.take();
+                        self.wakers.extend(w);
+                        self.maybe_remove(id);
+                        continue;
+                    }
+                    None => {}
+                }
+            }
+            if n == 0 && !fin {
+                out.truncate(at);
+            } else {
+                frame::patch_len(out, at, n);
+                if fin {
+                    frame::patch_flags(out, at, FLAG_FIN);
+                }
+            }
+            if fin {
+                if s.reset_after {
+                    frame::encode_reset(out, id, Reason::CANCEL);
+                }
+                s.tx = TxState::Done;
+                let w = s.tx_waker.take();
+                self.wakers.extend(w);
+                self.maybe_remove(id);
+                continue;
+            }
+            if s.pending < threshold {
+                if let Some(w) = s.tx_waker.take() {
+                    self.wakers.push(w);
+                }
+            }
+            if s.sendable() {
+                s.in_ready = true;
+                self.ready.push_back(id);
+            }
+        }
+    }
+
+    /// Handles bytes read from the connection, consuming every whole frame in `buf` and
+    /// descriptors received with them. An error is fatal: the caller should send what
+    /// [`poll_transmit`](Mux::poll_transmit) still yields (a GOAWAY) and close.
+    pub fn handle_input(
+        &mut self,
+        buf: &mut BytesMut,
+        fds: &mut Vec<OwnedFd>,
+    ) -> Result<(), Error> {
+        if self.lost.is_some() {
+            buf.clear();
+            fds.clear();
+            return Ok(());
+        }
+        self.fd_in.extend(fds.drain(..));
+        let max_fds = usize::from(self.local.max_fds_per_message).max(1) * 2;
+        loop {
+            let first = self.peer.is_none();
+            let f = match frame::decode(buf, self.local.max_frame_size, first) {
+                Ok(Some(f)) => f,
+                Ok(None) => break,
+                Err(e) => {
+                    let err = if first {
+                        Error::new(ErrorKind::Handshake, e.0)
+                    } else {
+                        Error::protocol(e.0)
+                    };
+                    return Err(self.protocol_failure(err));
+                }
+            };
+            if let Err(e) = self.handle_frame(f) {
+                return Err(self.protocol_failure(e));
+            }
+            if self.lost.is_some() {
+                break;
+            }
+        }
+        if self.fd_in.len() > max_fds {
+            let e = Error::protocol(format!(
+                "{} descriptors received that no message announced (limit {max_fds})",
+                self.fd_in.len()
+            ));
+            return Err(self.protocol_failure(e));
+        }
+        Ok(())
+    }
+
+    /// The peer closed its side of the connection (EOF).
+    pub fn handle_eof(&mut self) {
+        let e = if self.goaway_received {
+            Error::lost("peer closed the session")
+        } else if self.peer.is_none() {
+            Error::new(
+                ErrorKind::Handshake,
+                "connection closed before the handshake finished",
+            )
+        } else {
+            Error::lost("connection closed by peer without GOAWAY")
+        };
+        self.fail(e);
+    }
+
+    fn protocol_failure(&mut self, e: Error) -> Error {
+        let max = self
+            .peer
+            .as_ref()
+            .map_or(Limits::MIN_FRAME_SIZE, |p| p.max_frame_size);
+        self.ctrl.clear();
+        frame::encode_goaway(
+            &mut self.ctrl,
+            self.last_peer,
+            Reason::PROTOCOL,
+            e.message(),
+            max,
+        );
+        self.flush = true;
+        self.goaway_sent = true;
+        self.fail(e.clone());
+        e
+    }
+
+    fn handle_frame(&mut self, f: Frame) -> Result<(), Error> {
+        match f {
+            Frame::Hello(h) => self.handle_hello(h),
+            Frame::Open {
+                stream,
+                kind,
+                parent,
+            } => self.handle_open(stream, kind, parent),
+            Frame::Data {
+                stream,
+                fin,
+                payload,
+            } => self.handle_data(stream, fin, payload),
+            Frame::Credit { stream, increment } => {
+                self.known(stream, "CREDIT")?;
+                let Some(s) = self.streams.get_mut(&stream) else {
+                    return Ok(());
+                };
+                match s.credit.checked_add(increment) {
+                    Some(c) if c <= i32::MAX as u32 => {
+                        s.credit = c;
+                        self.mark_ready(stream);
+                        Ok(())
+                    }
+                    _ => Err(Error::protocol(format!(
+                        "credit on stream {stream} overflows 2^31-1"
+                    ))),
+                }
+            }
+            Frame::Close { stream, message } => {
+                self.known(stream, "CLOSE")?;
+                self.end_rx(stream, RxState::Error(message))
+            }
+            Frame::Reset { stream, reason } => {
+                self.known(stream, "RESET")?;
+                let Some(s) = self.streams.get_mut(&stream) else {
+                    return Ok(());
+                };
+                let e = Error::new(
+                    if reason == Reason::REFUSED {
+                        ErrorKind::Refused
+                    } else {
+                        ErrorKind::Reset
+                    },
+                    format!("peer reset the stream ({})", reason.describe()),
+                );
+                if s.can_send && !matches!(s.tx, TxState::Done | TxState::Failed(_)) {
+                    s.tx = TxState::Failed(e.clone());
+                    s.queue.clear();
+                    s.pending = 0;
+                    s.end = None;
+                }
+                if s.can_recv && matches!(s.rx, RxState::Open) {
+                    s.rx = RxState::Failed(e);
+                    s.partial = None;
+                }
+                let w = (s.tx_waker.take(), s.rx_waker.take());
+                self.wake(w.0);
+                self.wake(w.1);
+                self.maybe_remove(stream);
+                Ok(())
+            }
+            Frame::Ping { ack, opaque } => {
+                if ack {
+                    self.ping_outstanding = false;
+                } else {
+                    frame::encode_ping(&mut self.ctrl, true, opaque);
+                    self.flush = true;
+                }
+                Ok(())
+            }
+            Frame::GoAway {
+                reason, message, ..
+            } => {
+                self.goaway_received = true;
+                let w = self.accept_waker.take();
+                self.wake(w);
+                if reason != Reason::NO_ERROR {
+                    self.fail(Error::new(
+                        ErrorKind::Protocol,
+                        format!("peer ended the session: {message}"),
+                    ));
+                }
+                Ok(())
+            }
+            Frame::Unknown { .. } => Ok(()),
+        }
+    }
+
+    /// Checks that `stream` was opened at some point (it may be gone now).
+    fn known(&self, stream: u32, what: &str) -> Result<(), Error> {
+        let ever = if self.role.owns(stream) {
+            stream < self.next_local
+        } else {
+            stream <= self.last_peer
+        };
+        if ever {
+            Ok(())
+        } else {
+            Err(Error::protocol(format!(
+                "{what} on stream {stream}, which was never opened"
+            )))
+        }
+    }
+
+    fn handle_hello(&mut self, h: Hello) -> Result<(), Error> {
+        let hs = |m: String| Error::new(ErrorKind::Handshake, m);
+        if h.version != frame::VERSION {
+            return Err(hs(format!(
+                "protocol version mismatch: ours {}, peer's {}",
+                frame::VERSION,
+                h.version
+            )));
+        }
+        let peer_role = match h.role {
+            1 => Role::Dialer,
+            2 => Role::Listener,
+            r => return Err(hs(format!("peer sent unknown role {r}"))),
+        };
+        if peer_role == self.role {
+            return Err(hs(format!(
+                "both sides claim the same role ({:?}); one must dial and one listen",
+                self.role
+            )));
+        }
+        let limits = Limits {
+            max_frame_size: h.max_frame_size,
+            max_message_size: h.max_message_size,
+            initial_window: h.initial_window,
+            max_streams: h.max_streams,
+            max_pending_accepts: 0,
+            max_fds_per_message: h.max_fds_per_message,
+            max_refs_per_message: h.max_refs_per_message,
+        };
+        if let Err(m) = limits.validate() {
+            return Err(hs(format!("peer's limits are invalid: {m}")));
+        }
+        let (dialer, listener) = match self.role {
+            Role::Dialer => (&self.codecs, &h.codecs),
+            Role::Listener => (&h.codecs, &self.codecs),
+        };
+        let Some(codec) = dialer.iter().find(|c| listener.contains(c)).cloned() else {
+            return Err(hs(format!(
+                "no common codec: ours {:?}, peer's {:?}",
+                self.codecs, h.codecs
+            )));
+        };
+        self.codec = Some(codec);
+        for (id, s) in self.streams.iter_mut() {
+            s.credit = h.initial_window;
+            if !s.in_ready && s.sendable() {
+                s.in_ready = true;
+                self.ready.push_back(*id);
+            }
+        }
+        self.peer = Some(h);
+        self.flush = true;
+        let w = self.handshake_waker.take();
+        self.wake(w);
+        Ok(())
+    }
+
+    fn handle_open(&mut self, id: u32, kind: StreamKind, parent: u32) -> Result<(), Error> {
+        if self.role.owns(id) {
+            return Err(Error::protocol(format!(
+                "peer opened stream {id} in our id namespace"
+            )));
+        }
+        if id <= self.last_peer {
+            return Err(Error::protocol(format!(
+                "peer opened stream {id}, not above its last stream {}",
+                self.last_peer
+            )));
+        }
+        self.last_peer = id;
+        if parent != 0 {
+            self.known(parent, "OPEN parent")?;
+        }
+        let refuse = if self.goaway_sent || self.peer_open >= self.local.max_streams {
+            true
+        } else if parent == 0 {
+            kind != StreamKind::OpenerSends
+                || self.accept_q.len() >= self.local.max_pending_accepts as usize
+        } else {
+            !self.streams.contains_key(&parent)
+        };
+        if refuse {
+            frame::encode_reset(&mut self.ctrl, id, Reason::REFUSED);
+            self.flush = true;
+            return Ok(());
+        }
+        let credit = self.peer.as_ref().map_or(0, |p| p.initial_window);
+        let s = Stream::new(kind, false, parent, credit, self.local.initial_window);
+        self.streams.insert(id, s);
+        self.peer_open += 1;
+        if parent == 0 {
+            self.accept_q.push_back(id);
+            let w = self.accept_waker.take();
+            self.wake(w);
+        }
+        Ok(())
+    }
+
+    fn end_rx(&mut self, id: u32, state: RxState) -> Result<(), Error> {
+        let Some(s) = self.streams.get_mut(&id) else {
+            return Ok(());
+        };
+        if !s.can_recv {
+            return Err(Error::protocol(format!(
+                "end of stream {id} from the side that does not send on it"
+            )));
+        }
+        if !matches!(s.rx, RxState::Open) {
+            // Ours already ended (we reset it or it was finished): stale, ignore.
+            return Ok(());
+        }
+        if s.partial.is_some() {
+            s.partial = None;
+            s.msgs.push_back(Err(Error::protocol(format!(
+                "stream {id} ended in the middle of a message"
+            ))));
+        }
+        s.rx = state;
+        let w = s.rx_waker.take();
+        self.wake(w);
+        self.maybe_remove(id);
+        Ok(())
+    }
+
+    fn handle_data(&mut self, id: u32, fin: bool, mut payload: Bytes) -> Result<(), Error> {
+        self.known(id, "DATA")?;
+        let window = self.local.initial_window;
+        let max_msg = self.local.max_message_size as usize;
+        let max_refs = usize::from(self.local.max_refs_per_message);
+        let max_fds = usize::from(self.local.max_fds_per_message);
+        let mut pins: Vec<u32> = Vec::new();
+        let Some(s) = self.streams.get_mut(&id) else {
+            return Ok(());
+        };
+        if !s.can_recv {
+            return Err(Error::protocol(format!(
+                "DATA on stream {id} from the side that does not send on it"
+            )));
+        }
+        if !matches!(s.rx, RxState::Open) {
+            // We reset it, or the peer sent after its FIN. Ignore stale data; data after
+            // FIN is a stream error.
+            if matches!(s.rx, RxState::Fin | RxState::Error(_)) && !payload.is_empty() {
+                frame::encode_reset(&mut self.ctrl, id, Reason::PROTOCOL);
+                self.flush = true;
+            }
+            return Ok(());
+        }
+        let len = payload.len();
+        if len > s.outstanding as usize {
+            let e = Error::protocol(format!(
+                "peer sent {len} bytes on stream {id} with only {} bytes of credit",
+                s.outstanding
+            ));
+            s.rx = RxState::Failed(e);
+            s.msgs.clear();
+            s.partial = None;
+            frame::encode_reset(&mut self.ctrl, id, Reason::PROTOCOL);
+            self.flush = true;
+            let w = s.rx_waker.take();
+            self.wake(w);
+            return Ok(());
+        }
+        s.outstanding -= len as u32;
+        let mut woke = false;
+        if s.kind == StreamKind::Bytes {
+            if !payload.is_empty() {
+                s.buffered += len;
+                s.bytes.push_back(payload);
+                woke = true;
+            }
+        } else {
+            while !payload.is_empty() {
+                if let Some(p) = s.partial.as_mut() {
+                    let take = p.need.min(payload.len());
+                    let piece = payload.split_to(take);
+                    p.need -= take;
+                    if p.discard.is_none() {
+                        p.body.extend_from_slice(&piece);
+                        p.counted += take;
+                    }
+                    if p.need == 0 {
+                        let p = s.partial.take().expect("present");
+                        let item = match p.discard {
+                            Some(e) => Err(e),
+                            None => {
+                                s.buffered += MESSAGE_HEADER_LEN + p.body.len();
+                                complete(p.body.freeze(), p.payload_len, p.nrefs, p.fds)
+                                    .inspect_err(|_| {
+                                        s.buffered -=
+                                            MESSAGE_HEADER_LEN + p.payload_len + p.nrefs * REF_LEN;
+                                    })
+                            }
+                        };
+                        pin(&mut pins, &item);
+                        s.msgs.push_back(item);
+                        woke = true;
+                    }
+                    continue;
+                }
+                if payload.len() < MESSAGE_HEADER_LEN {
+                    return Err(Error::protocol(format!(
+                        "message header split across DATA frames on stream {id}"
+                    )));
+                }
+                let h = payload.split_to(MESSAGE_HEADER_LEN);
+                let payload_len = u32::from_be_bytes([h[0], h[1], h[2], h[3]]) as usize;
+                let nrefs = usize::from(u16::from_be_bytes([h[4], h[5]]));
+                let nfds = usize::from(u16::from_be_bytes([h[6], h[7]]));
+                if nfds > self.fd_in.len() {
+                    return Err(Error::protocol(format!(
+                        "message on stream {id} announces {nfds} descriptors, {} arrived",
+                        self.fd_in.len()
+                    )));
+                }
+                let fds: Vec<OwnedFd> = self.fd_in.drain(..nfds).collect();
+                let body_len = payload_len + nrefs * REF_LEN;
+                let total = MESSAGE_HEADER_LEN + body_len;
+                let discard = if total > max_msg {
+                    Some(Error::limit(
+                        "max_message_size",
+                        max_msg as u64,
+                        total as u64,
+                    ))
+                } else if nrefs > max_refs {
+                    Some(Error::limit(
+                        "max_refs_per_message",
+                        max_refs as u64,
+                        nrefs as u64,
+                    ))
+                } else if nfds > max_fds {
+                    Some(Error::limit(
+                        "max_fds_per_message",
+                        max_fds as u64,
+                        nfds as u64,
+                    ))
+                } else {
+                    None
+                };
+                if discard.is_none() && payload.len() >= body_len {
+                    let body = payload.split_to(body_len);
+                    s.buffered += total;
+                    let item = complete(body, payload_len, nrefs, fds);
+                    if item.is_err() {
+                        s.buffered -= total;
+                    }
+                    pin(&mut pins, &item);
+                    s.msgs.push_back(item);
+                    woke = true;
+                    continue;
+                }
+                s.partial = Some(Partial {
+                    body: BytesMut::new(),
+                    need: body_len,
+                    payload_len,
+                    nrefs,
+                    fds,
+                    discard,
+                    counted: MESSAGE_HEADER_LEN,
+                });
+                if body_len == 0 {
+                    // Only possible for discarded messages (a whole one fits otherwise).
+                    let p = s.partial.take().expect("present");
+                    s.msgs.push_back(Err(p.discard.expect("discarded")));
+                    woke = true;
+                }
+            }
+        }
+        Self::grant(&mut self.ctrl, &mut self.flush, id, s, window);
+        if woke {
+            let w = s.rx_waker.take();
+            self.wake(w);
+        }
+        for p in pins {
+            if self.role.owns(p) {
+                if let Some(t) = self.streams.get_mut(&p) {
+                    t.pins += 1;
+                }
+            }
+        }
+        if fin {
+            self.end_rx(id, RxState::Fin)?;
+        }
+        Ok(())
+    }
+}
+
+fn pin(pins: &mut Vec<u32>, item: &RecvItem) {
+    if let Ok(m) = item {
+        for r in &m.refs {
+            if r.kind == RefKind::Sender {
+                pins.push(r.id);
+            }
+        }
+    }
+}
+
+fn complete(body: Bytes, payload_len: usize, nrefs: usize, fds: Vec<OwnedFd>) -> RecvItem {
+    let mut payload = body;
+    let refs_bytes = payload.split_off(payload_len);
+    let mut refs = Vec::with_capacity(nrefs);
+    for r in refs_bytes.chunks_exact(REF_LEN) {
+        let Some(kind) = RefKind::from_code(r[0]) else {
+            return Err(Error::decode(format!("unknown reference kind {}", r[0])));
+        };
+        let id = u32::from_be_bytes([r[1], r[2], r[3], r[4]]);
+        if kind == RefKind::Fd && id as usize >= fds.len() {
+            return Err(Error::decode(format!(
+                "fd reference {id} but the message carries {} descriptors",
+                fds.len()
+            )));
+        }
+        refs.push(WireRef { kind, id });
+    }
+    Ok(InMessage { payload, refs, fds })
+}

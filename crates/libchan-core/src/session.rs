@@ -1,0 +1,507 @@
+//! Sessions: top-level channels over a connection, and the encoding of ends in messages.
+
+use std::any::Any;
+use std::cell::Cell;
+use std::collections::HashMap;
+use std::fmt;
+use std::future::poll_fn;
+use std::os::fd::OwnedFd;
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tokio::sync::mpsc;
+
+use crate::channel::{Receiver, Sender};
+use crate::codec::Codec;
+use crate::config::Config;
+use crate::conn::{Connection, ConnectionStats};
+use crate::driver::{Link, MuxConnection};
+use crate::error::{Error, ErrorKind};
+use crate::frame::StreamKind;
+use crate::message::{InMessage, OutMessage, OutRef, RefKind, WireRef};
+use crate::mux::Role;
+
+/// A type that can be sent on a channel.
+///
+/// Implemented for every `Serialize + DeserializeOwned + Send + 'static` type, including
+/// structs and enums that contain [`Sender`]s, [`Receiver`]s,
+/// [`ByteStream`](crate::ByteStream)s and [`Fd`](crate::Fd)s anywhere.
+pub trait Message: Serialize + DeserializeOwned + Send + 'static {}
+impl<T: Serialize + DeserializeOwned + Send + 'static> Message for T {}
+
+/// A session: a connection to one peer, on which either side opens channels.
+///
+/// Sessions are cheap to clone. The connection closes gracefully when the last clone and
+/// the last channel end using it are dropped, or at once on [`abort`](Session::abort).
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), libchan_core::Error> {
+/// use libchan_core::Session;
+/// let (a, b) = Session::mem_pair();
+/// let tx = a.open::<String>().await?;
+/// let mut rx = b.accept::<String>().await?.expect("a channel");
+/// tx.send("hello".to_owned()).await.map_err(|e| e.error)?;
+/// assert_eq!(rx.recv().await?, Some("hello".to_owned()));
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct Session {
+    inner: Kind,
+}
+
+#[derive(Clone)]
+enum Kind {
+    Net(Arc<NetSession>),
+    Mem(Arc<MemSession>),
+}
+
+impl fmt::Debug for Session {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.inner {
+            Kind::Net(n) => f
+                .debug_struct("Session")
+                .field("conn", &n.conn)
+                .finish_non_exhaustive(),
+            Kind::Mem(_) => f.debug_struct("Session").field("mem", &true).finish(),
+        }
+    }
+}
+
+/// Counters of a session, for tests and monitoring.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct SessionStats {
+    /// The connection's counters.
+    pub connection: ConnectionStats,
+    /// Forwarding tasks alive (one per end sent that needs one).
+    pub tasks: usize,
+    /// Sent Senders remembered so that they resolve when sent back.
+    pub exported: usize,
+}
+
+impl Session {
+    /// Runs a session over a byte pipe: performs the handshake and starts the driver.
+    ///
+    /// `role` decides who opens odd and who opens even stream ids: one side must be
+    /// [`Role::Dialer`] and the other [`Role::Listener`].
+    pub async fn over_link(link: impl Link, role: Role, config: &Config) -> Result<Session, Error> {
+        let conn = MuxConnection::start(Box::new(link), role, config).await?;
+        Session::over_connection(Box::new(conn), config)
+    }
+
+    /// Runs a session over any [`Connection`] whose handshake is done.
+    pub fn over_connection(conn: Box<dyn Connection>, config: &Config) -> Result<Session, Error> {
+        let codec = config.find_codec(conn.codec()).ok_or_else(|| {
+            Error::new(
+                ErrorKind::Handshake,
+                format!(
+                    "connection agreed on codec {:?}, which is not configured",
+                    conn.codec()
+                ),
+            )
+        })?;
+        Ok(Session {
+            inner: Kind::Net(Arc::new(NetSession {
+                conn,
+                codec,
+                origins: Mutex::new(HashMap::new()),
+                tasks: AtomicUsize::new(0),
+            })),
+        })
+    }
+
+    /// Two connected in-memory sessions: messages move as Rust values, never serialized.
+    pub fn mem_pair() -> (Session, Session) {
+        let cap = 1024;
+        let (ta, ra) = mpsc::channel(cap);
+        let (tb, rb) = mpsc::channel(cap);
+        let a = MemSession {
+            to_peer: Mutex::new(Some(tb)),
+            accepts: tokio::sync::Mutex::new(ra),
+        };
+        let b = MemSession {
+            to_peer: Mutex::new(Some(ta)),
+            accepts: tokio::sync::Mutex::new(rb),
+        };
+        (
+            Session {
+                inner: Kind::Mem(Arc::new(a)),
+            },
+            Session {
+                inner: Kind::Mem(Arc::new(b)),
+            },
+        )
+    }
+
+    /// Opens a top-level channel to the peer, which gets its [`Receiver`] from
+    /// [`accept`](Session::accept).
+    pub async fn open<T: Message>(&self) -> Result<Sender<T>, Error> {
+        match &self.inner {
+            Kind::Net(n) => {
+                let id = n.conn.open(StreamKind::OpenerSends)?;
+                Ok(Sender::remote(n.clone(), id))
+            }
+            Kind::Mem(m) => {
+                let (tx, rx) = crate::channel::channel::<T>(64);
+                let peer = m
+                    .to_peer
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .clone()
+                    .ok_or_else(|| Error::closed("session is closed"))?;
+                let item: MemAccept = (std::any::type_name::<T>(), Box::new(rx));
+                match peer.try_send(item) {
+                    Ok(()) => Ok(tx),
+                    Err(mpsc::error::TrySendError::Full(_)) => Err(Error::limit(
+                        "peer's max_pending_accepts",
+                        peer.max_capacity() as u64,
+                        peer.max_capacity() as u64 + 1,
+                    )),
+                    Err(mpsc::error::TrySendError::Closed(_)) => {
+                        Err(Error::lost("peer session is gone"))
+                    }
+                }
+            }
+        }
+    }
+
+    /// Waits for a top-level channel opened by the peer. `Ok(None)` when the session is
+    /// closing (either side called [`close`](Session::close) or the peer went away
+    /// cleanly) and no channel is left to accept.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: a channel is never lost if the future is dropped.
+    pub async fn accept<T: Message>(&self) -> Result<Option<Receiver<T>>, Error> {
+        match &self.inner {
+            Kind::Net(n) => {
+                let id = poll_fn(|cx| n.conn.poll_accept(cx)).await?;
+                Ok(id.map(|id| Receiver::remote(n.clone(), id)))
+            }
+            Kind::Mem(m) => {
+                let mut q = m.accepts.lock().await;
+                match q.recv().await {
+                    None => Ok(None),
+                    Some((name, b)) => match b.downcast::<Receiver<T>>() {
+                        Ok(rx) => Ok(Some(*rx)),
+                        Err(_) => Err(Error::decode(format!(
+                            "accepted channel carries {name}, not {}",
+                            std::any::type_name::<T>()
+                        ))),
+                    },
+                }
+            }
+        }
+    }
+
+    /// Starts a graceful close: no new channels either way; channels already open finish.
+    pub fn close(&self) {
+        match &self.inner {
+            Kind::Net(n) => n.conn.close(),
+            Kind::Mem(m) => {
+                m.to_peer.lock().unwrap_or_else(|e| e.into_inner()).take();
+                if let Ok(mut q) = m.accepts.try_lock() {
+                    q.close();
+                }
+            }
+        }
+    }
+
+    /// Drops the connection now. Pending operations here fail with a
+    /// [`Closed`](ErrorKind::Closed) error; the peer sees a lost connection.
+    pub fn abort(&self) {
+        match &self.inner {
+            Kind::Net(n) => n.conn.abort(),
+            Kind::Mem(_) => self.close(),
+        }
+    }
+
+    /// Name of the codec in use (`"mem"` for in-memory sessions).
+    pub fn codec(&self) -> &str {
+        match &self.inner {
+            Kind::Net(n) => n.codec.name(),
+            Kind::Mem(_) => "mem",
+        }
+    }
+
+    /// True if descriptors travel as real descriptors on this session.
+    pub fn can_pass_fds(&self) -> bool {
+        match &self.inner {
+            Kind::Net(n) => n.conn.can_pass_fds(),
+            Kind::Mem(_) => true,
+        }
+    }
+
+    /// The error that ended the session's connection, if it ended.
+    pub fn error(&self) -> Option<Error> {
+        match &self.inner {
+            Kind::Net(n) => n.conn.error(),
+            Kind::Mem(_) => None,
+        }
+    }
+
+    /// Counters for tests and monitoring.
+    pub fn stats(&self) -> SessionStats {
+        match &self.inner {
+            Kind::Net(n) => SessionStats {
+                connection: n.conn.stats(),
+                tasks: n.tasks.load(Ordering::Relaxed),
+                exported: n.origins.lock().unwrap_or_else(|e| e.into_inner()).len(),
+            },
+            Kind::Mem(_) => SessionStats::default(),
+        }
+    }
+}
+
+type MemAccept = (&'static str, Box<dyn Any + Send>);
+
+struct MemSession {
+    to_peer: Mutex<Option<mpsc::Sender<MemAccept>>>,
+    accepts: tokio::sync::Mutex<mpsc::Receiver<MemAccept>>,
+}
+
+pub(crate) struct NetSession {
+    pub(crate) conn: Box<dyn Connection>,
+    pub(crate) codec: Arc<dyn Codec>,
+    origins: Mutex<HashMap<u32, Box<dyn Any + Send>>>,
+    tasks: AtomicUsize,
+}
+
+impl fmt::Debug for NetSession {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NetSession")
+            .field("conn", &self.conn)
+            .finish_non_exhaustive()
+    }
+}
+
+impl NetSession {
+    /// Spawns a forwarding task, counted in [`SessionStats::tasks`].
+    pub(crate) fn spawn(
+        self: &Arc<Self>,
+        fut: impl std::future::Future<Output = ()> + Send + 'static,
+    ) {
+        let counter = TaskCount(self.clone());
+        counter.0.tasks.fetch_add(1, Ordering::Relaxed);
+        tokio::spawn(async move {
+            let _c = counter;
+            fut.await;
+        });
+    }
+
+    pub(crate) fn export_sender<T: Message>(&self, id: u32, tx: Sender<T>) {
+        self.origins
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, Box::new(tx));
+    }
+
+    pub(crate) fn unexport(&self, id: u32) {
+        let v = self
+            .origins
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&id);
+        drop(v);
+    }
+
+    pub(crate) fn exported_sender<T: Message>(&self, id: u32) -> Option<Sender<T>> {
+        self.origins
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&id)
+            .and_then(|b| b.downcast_ref::<Sender<T>>())
+            .cloned()
+    }
+}
+
+struct TaskCount(Arc<NetSession>);
+
+impl Drop for TaskCount {
+    fn drop(&mut self) {
+        self.0.tasks.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Something sent in a message that needs work once its stream id is known, or needs to be
+/// put back if the send fails.
+pub(crate) trait Attach: Send {
+    fn install(self: Box<Self>, session: &Arc<NetSession>, id: u32);
+    fn restore(self: Box<Self>);
+}
+
+/// The attachments of an encoded message, one slot per reference.
+pub(crate) type Attachments = Vec<Option<Box<dyn Attach>>>;
+
+pub(crate) struct EncodeCtx<'a> {
+    pub(crate) session: &'a Arc<NetSession>,
+    pub(crate) refs: Vec<OutRef>,
+    pub(crate) attach: Attachments,
+    pub(crate) fds: Vec<OwnedFd>,
+}
+
+impl EncodeCtx<'_> {
+    /// Adds a reference; returns the codec's marker for it.
+    pub(crate) fn push(
+        &mut self,
+        r: OutRef,
+        attach: Option<Box<dyn Attach>>,
+    ) -> Box<dyn erased_serde::Serialize> {
+        let index = self.refs.len() as u32;
+        self.refs.push(r);
+        self.attach.push(attach);
+        self.session.codec.ref_marker(index)
+    }
+}
+
+pub(crate) struct DecodeCtx<'a> {
+    pub(crate) session: &'a Arc<NetSession>,
+    pub(crate) parent: u32,
+    pub(crate) refs: &'a [WireRef],
+    pub(crate) used: Vec<bool>,
+    pub(crate) fds: Vec<Option<OwnedFd>>,
+}
+
+impl DecodeCtx<'_> {
+    /// Takes reference `index` of the expected kind, once.
+    pub(crate) fn take(&mut self, index: u32, kinds: &[RefKind]) -> Result<WireRef, String> {
+        let i = index as usize;
+        let Some(r) = self.refs.get(i) else {
+            return Err(format!(
+                "reference {index} out of range (message has {})",
+                self.refs.len()
+            ));
+        };
+        if self.used[i] {
+            return Err(format!("reference {index} used twice"));
+        }
+        if !kinds.contains(&r.kind) {
+            return Err(format!(
+                "reference {index} is a {:?}, expected {:?}",
+                r.kind, kinds
+            ));
+        }
+        self.used[i] = true;
+        Ok(*r)
+    }
+}
+
+thread_local! {
+    static ENCODE: Cell<Option<NonNull<EncodeCtx<'static>>>> = const { Cell::new(None) };
+    static DECODE: Cell<Option<NonNull<DecodeCtx<'static>>>> = const { Cell::new(None) };
+}
+
+/// Runs `f` with the encode context of the message being encoded on this thread, if any.
+pub(crate) fn with_encode<R>(f: impl FnOnce(&mut EncodeCtx<'_>) -> R) -> Option<R> {
+    let p = ENCODE.with(|c| c.take())?;
+    struct Restore(NonNull<EncodeCtx<'static>>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            ENCODE.with(|c| c.set(Some(self.0)));
+        }
+    }
+    let guard = Restore(p);
+    // SAFETY: the pointer was installed by `encode_message`, which keeps the context alive
+    // and untouched until the codec returns; taking it out of the cell makes this the only
+    // reference while `f` runs.
+    let ctx = unsafe { &mut *guard.0.as_ptr() };
+    Some(f(ctx))
+}
+
+/// Runs `f` with the decode context of the message being decoded on this thread, if any.
+pub(crate) fn with_decode<R>(f: impl FnOnce(&mut DecodeCtx<'_>) -> R) -> Option<R> {
+    let p = DECODE.with(|c| c.take())?;
+    struct Restore(NonNull<DecodeCtx<'static>>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            DECODE.with(|c| c.set(Some(self.0)));
+        }
+    }
+    let guard = Restore(p);
+    // SAFETY: as in `with_encode`.
+    let ctx = unsafe { &mut *guard.0.as_ptr() };
+    Some(f(ctx))
+}
+
+/// Encodes `value` as a message on `session`; the attachments are to be installed once
+/// the message is queued, or restored if it is not.
+pub(crate) fn encode_message<T: Message>(
+    session: &Arc<NetSession>,
+    value: &T,
+    buf: Vec<u8>,
+) -> Result<(OutMessage, Attachments), Error> {
+    let mut ctx = EncodeCtx {
+        session,
+        refs: Vec::new(),
+        attach: Vec::new(),
+        fds: Vec::new(),
+    };
+    let mut buf = OutMessage::start(buf);
+    let prev =
+        ENCODE.with(|c| c.replace(Some(NonNull::from(&mut ctx).cast::<EncodeCtx<'static>>())));
+    let res = session.codec.encode(value, &mut buf);
+    ENCODE.with(|c| c.set(prev));
+    if let Err(e) = res {
+        for a in ctx.attach.into_iter().flatten() {
+            a.restore();
+        }
+        return Err(e);
+    }
+    if ctx.refs.len() > u16::MAX as usize || buf.len() > u32::MAX as usize {
+        for a in ctx.attach.into_iter().flatten() {
+            a.restore();
+        }
+        return Err(Error::limit(
+            "references per message",
+            u64::from(u16::MAX),
+            ctx.refs.len() as u64,
+        ));
+    }
+    let msg = OutMessage::finish(buf, ctx.refs, ctx.fds);
+    Ok((msg, ctx.attach))
+}
+
+/// Decodes a received message as a `T`, claiming the streams it references.
+pub(crate) fn decode_message<T: Message>(
+    session: &Arc<NetSession>,
+    parent: u32,
+    msg: InMessage,
+) -> Result<T, Error> {
+    let InMessage { payload, refs, fds } = msg;
+    let mut ctx = DecodeCtx {
+        session,
+        parent,
+        refs: &refs,
+        used: vec![false; refs.len()],
+        fds: fds.into_iter().map(Some).collect(),
+    };
+    let mut out: Option<T> = None;
+    let prev =
+        DECODE.with(|c| c.replace(Some(NonNull::from(&mut ctx).cast::<DecodeCtx<'static>>())));
+    let res = session.codec.decode(&payload, &mut |d| {
+        out = Some(erased_serde::deserialize::<T>(d)?);
+        Ok(())
+    });
+    DECODE.with(|c| c.set(prev));
+    if ctx.used.iter().any(|u| !u) {
+        let unused: Vec<WireRef> = refs
+            .iter()
+            .zip(&ctx.used)
+            .filter(|(r, u)| !**u && r.kind != RefKind::Fd && !session.conn.is_local(r.id))
+            .map(|(r, _)| *r)
+            .collect();
+        session.conn.release_refs(&unused);
+    }
+    res?;
+    out.ok_or_else(|| Error::decode("codec produced no value"))
+}
+
+/// Releases what a received message references without decoding it.
+pub(crate) fn discard_message(session: &NetSession, msg: &InMessage) {
+    if !msg.refs.is_empty() {
+        session.conn.release_refs(&msg.refs);
+    }
+}

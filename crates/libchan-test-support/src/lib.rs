@@ -1,0 +1,79 @@
+//! Test support for libchan: the conformance suite every transport runs, and a scripted
+//! mock peer that speaks raw frames for bad-input tests. Not published.
+//!
+//! A transport's test file runs the whole suite with one macro call:
+//!
+//! ```ignore
+//! libchan_test_support::conformance!(unix, || async {
+//!     libchan_unix::pair(&config()).await.unwrap()
+//! }, Caps { fds: true, loss: true });
+//! ```
+
+pub mod mock;
+pub mod suite;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::time::Duration;
+
+use libchan_core::Session;
+
+/// What a transport under test can do.
+#[derive(Clone, Copy, Debug)]
+pub struct Caps {
+    /// Descriptors arrive as real descriptors.
+    pub fds: bool,
+    /// The connection can be lost (not in memory).
+    pub loss: bool,
+}
+
+/// Makes a fresh pair of connected sessions.
+pub type PairFn =
+    dyn Fn() -> Pin<Box<dyn Future<Output = (Session, Session)> + Send>> + Send + Sync;
+
+/// The guard timeout for every wait in the suite: generous, never a measurement.
+pub const GUARD: Duration = Duration::from_secs(60);
+
+/// Awaits `f`, failing the test if it takes longer than [`GUARD`].
+pub async fn within<F: Future>(what: &str, f: F) -> F::Output {
+    match tokio::time::timeout(GUARD, f).await {
+        Ok(v) => v,
+        Err(_) => panic!("timed out after {GUARD:?} waiting for {what}"),
+    }
+}
+
+/// Runs every conformance case against a transport: one `#[tokio::test]` per case.
+#[macro_export]
+macro_rules! conformance {
+    ($name:ident, $pair:expr, $caps:expr) => {
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+            fn pair_fn() -> std::sync::Arc<$crate::PairFn> {
+                std::sync::Arc::new(move || Box::pin(($pair)()))
+            }
+            $crate::conformance!(@cases $caps;
+                ordering_and_completeness, non_struct_values, both_sides_open_at_once,
+                reply_senders, nested_receivers_deep, ends_sent_back_resolve_to_original,
+                sender_sent_back_with_messages_in_flight, forwarding_through_proxy_session,
+                byte_streams_both_ways_half_close, many_streams_in_one_message,
+                end_of_stream_and_close_semantics, close_with_error_reaches_peer,
+                decode_error_skips_one_message, large_messages_alongside_small,
+                many_concurrent_channels_with_nested_refs, no_leaks_after_short_lived_nested,
+                loss_fails_pending_ops, fd_passing, accept_wrong_type_is_decode_error,
+                session_close_is_graceful, backpressure_bounds_memory);
+        }
+    };
+    (@cases $caps:expr; $($case:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $case() {
+                let case = $crate::suite::$case(pair_fn(), $caps);
+                match tokio::time::timeout(2 * $crate::GUARD, case).await {
+                    Ok(()) => {}
+                    Err(_) => panic!("case {} timed out", stringify!($case)),
+                }
+            }
+        )*
+    };
+}

@@ -1,0 +1,243 @@
+//! Unix-socket transport of libchan, with file descriptor passing.
+//!
+//! The libchan multiplexing protocol runs over a `SOCK_STREAM` unix socket. Descriptors in
+//! messages ([`libchan_core::Fd`]) are passed with `SCM_RIGHTS`: the receiver gets a real
+//! descriptor, not a copy of its contents.
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), libchan_core::Error> {
+//! let config = libchan_core::Config::new(libchan_codec_cbor::Cbor);
+//! let dir = std::env::temp_dir().join(format!("libchan-doc-{}", std::process::id()));
+//! std::fs::create_dir_all(&dir).unwrap();
+//! let path = dir.join("sock");
+//! let listener = libchan_unix::UnixListener::bind(&path, config.clone())?;
+//! let (client, server) = tokio::join!(libchan_unix::connect(&path, &config), listener.accept());
+//! let (client, server) = (client?, server?);
+//! let tx = client.open::<String>().await?;
+//! let mut rx = server.accept::<String>().await?.unwrap();
+//! tx.send("over unix".into()).await.map_err(|e| e.error)?;
+//! assert_eq!(rx.recv().await?.as_deref(), Some("over unix"));
+//! # std::fs::remove_dir_all(&dir).ok();
+//! # Ok(()) }
+//! ```
+
+use std::io::{self, IoSlice, IoSliceMut};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::BytesMut;
+use libchan_core::driver::{Link, LinkRead, LinkWrite};
+use libchan_core::{Config, Error, ErrorKind, Role, Session};
+use nix::sys::socket::{self, ControlMessage, ControlMessageOwned, MsgFlags};
+use tokio::io::{AsyncWrite, Interest};
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::UnixStream;
+
+/// Most descriptors one `recvmsg` can carry on Linux (`SCM_MAX_FD`).
+const SCM_MAX_FD: usize = 253;
+
+/// Connects to a libchan listener at `path` and runs the handshake.
+pub async fn connect(path: impl AsRef<Path>, config: &Config) -> Result<Session, Error> {
+    let path = path.as_ref();
+    let s = UnixStream::connect(path).await.map_err(|e| {
+        Error::with_source(
+            ErrorKind::Io,
+            format!("cannot connect to {}: {e}", path.display()),
+            e,
+        )
+    })?;
+    over_stream(s, Role::Dialer, config).await
+}
+
+/// Runs a session over a connected unix stream socket.
+pub async fn over_stream(
+    stream: UnixStream,
+    role: Role,
+    config: &Config,
+) -> Result<Session, Error> {
+    Session::over_link(UnixLink(stream), role, config).await
+}
+
+/// Two sessions connected by a `socketpair`, for tests and for handing one end to a child
+/// process.
+pub async fn pair(config: &Config) -> Result<(Session, Session), Error> {
+    let (a, b) = UnixStream::pair()
+        .map_err(|e| Error::with_source(ErrorKind::Io, format!("socketpair: {e}"), e))?;
+    let (a, b) = tokio::join!(
+        over_stream(a, Role::Dialer, config),
+        over_stream(b, Role::Listener, config)
+    );
+    Ok((a?, b?))
+}
+
+/// A listening unix socket that yields a [`Session`] per connection.
+#[derive(Debug)]
+pub struct UnixListener {
+    inner: tokio::net::UnixListener,
+    config: Config,
+    path: PathBuf,
+}
+
+impl UnixListener {
+    /// Binds to `path` (which must not exist).
+    pub fn bind(path: impl AsRef<Path>, config: Config) -> Result<Self, Error> {
+        let path = path.as_ref().to_owned();
+        let inner = tokio::net::UnixListener::bind(&path).map_err(|e| {
+            Error::with_source(
+                ErrorKind::Io,
+                format!("cannot bind {}: {e}", path.display()),
+                e,
+            )
+        })?;
+        Ok(UnixListener {
+            inner,
+            config,
+            path,
+        })
+    }
+
+    /// The path it listens on.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Accepts a connection and runs its handshake (bounded by the configured handshake
+    /// timeout). To keep one slow client from delaying others, use
+    /// [`accept_stream`](UnixListener::accept_stream) and run [`over_stream`] in a task.
+    pub async fn accept(&self) -> Result<Session, Error> {
+        let s = self.accept_stream().await?;
+        over_stream(s, Role::Listener, &self.config).await
+    }
+
+    /// Accepts a connection without running the handshake.
+    pub async fn accept_stream(&self) -> Result<UnixStream, Error> {
+        let (s, _) = self
+            .inner
+            .accept()
+            .await
+            .map_err(|e| Error::with_source(ErrorKind::Io, format!("accept: {e}"), e))?;
+        Ok(s)
+    }
+}
+
+/// A [`Link`] over a unix stream socket that passes descriptors with `SCM_RIGHTS`.
+#[derive(Debug)]
+pub struct UnixLink(pub UnixStream);
+
+impl Link for UnixLink {
+    fn can_pass_fds(&self) -> bool {
+        true
+    }
+
+    fn split(self: Box<Self>) -> (Box<dyn LinkRead>, Box<dyn LinkWrite>) {
+        let (r, w) = self.0.into_split();
+        (Box::new(UnixRead(r)), Box::new(UnixWrite(w)))
+    }
+}
+
+struct UnixRead(OwnedReadHalf);
+struct UnixWrite(OwnedWriteHalf);
+
+impl LinkRead for UnixRead {
+    fn poll_read_fds(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut BytesMut,
+        fds: &mut Vec<OwnedFd>,
+    ) -> Poll<io::Result<usize>> {
+        let sock: &UnixStream = self.0.as_ref();
+        loop {
+            match sock.poll_read_ready(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Ready(Ok(())) => {}
+            }
+            let fd = sock.as_raw_fd();
+            match sock.try_io(Interest::READABLE, || recv_with_fds(fd, buf, fds)) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                r => return Poll::Ready(r),
+            }
+        }
+    }
+}
+
+fn recv_with_fds(fd: RawFd, buf: &mut BytesMut, fds: &mut Vec<OwnedFd>) -> io::Result<usize> {
+    let spare = buf.spare_capacity_mut();
+    // SAFETY: recvmsg only writes into the buffer; we only expose the bytes it reports as
+    // written (via set_len below).
+    let dst =
+        unsafe { std::slice::from_raw_parts_mut(spare.as_mut_ptr().cast::<u8>(), spare.len()) };
+    let mut cmsg = nix::cmsg_space!([RawFd; SCM_MAX_FD]);
+    let mut iov = [IoSliceMut::new(dst)];
+    let msg = socket::recvmsg::<()>(
+        fd,
+        &mut iov,
+        Some(&mut cmsg),
+        MsgFlags::MSG_CMSG_CLOEXEC | MsgFlags::MSG_DONTWAIT,
+    )
+    .map_err(io::Error::from)?;
+    let n = msg.bytes;
+    let truncated = msg.flags.contains(MsgFlags::MSG_CTRUNC);
+    for c in msg.cmsgs().map_err(io::Error::from)? {
+        if let ControlMessageOwned::ScmRights(raw) = c {
+            for r in raw {
+                // SAFETY: the kernel just installed `r` in our table for us; we own it.
+                fds.push(unsafe { OwnedFd::from_raw_fd(r) });
+            }
+        }
+    }
+    if truncated {
+        fds.clear();
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "descriptors were truncated (more than SCM_MAX_FD in one read)",
+        ));
+    }
+    // SAFETY: recvmsg initialized the first `n` bytes of the spare capacity.
+    unsafe { buf.set_len(buf.len() + n) };
+    Ok(n)
+}
+
+impl LinkWrite for UnixWrite {
+    fn poll_write_fds(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+        fds: &[OwnedFd],
+    ) -> Poll<io::Result<usize>> {
+        if fds.is_empty() {
+            return Pin::new(&mut self.0).poll_write(cx, buf);
+        }
+        let sock: &UnixStream = self.0.as_ref();
+        let raw: Vec<RawFd> = fds.iter().map(AsRawFd::as_raw_fd).collect();
+        loop {
+            match sock.poll_write_ready(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Ready(Ok(())) => {}
+            }
+            let fd = sock.as_raw_fd();
+            let res = sock.try_io(Interest::WRITABLE, || {
+                socket::sendmsg::<()>(
+                    fd,
+                    &[IoSlice::new(buf)],
+                    &[ControlMessage::ScmRights(&raw)],
+                    MsgFlags::MSG_NOSIGNAL | MsgFlags::MSG_DONTWAIT,
+                    None,
+                )
+                .map_err(io::Error::from)
+            });
+            match res {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                r => return Poll::Ready(r),
+            }
+        }
+    }
+
+    fn poll_shutdown(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+}

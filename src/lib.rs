@@ -1,0 +1,64 @@
+//! # libchan
+//!
+//! Typed, nestable channels between processes: what Go channels are to goroutines,
+//! libchan is to processes. Send typed messages on a [`Sender`]; a message may carry other
+//! [`Sender`]s and [`Receiver`]s, [`ByteStream`]s and file descriptors ([`Fd`]), nested to
+//! any depth and in either direction. The same code runs in memory
+//! ([`Session::mem_pair`]), over unix sockets (with real descriptor passing) and over tcp.
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), libchan::Error> {
+//! use libchan::{channel, Sender, Session};
+//! use serde::{Deserialize, Serialize};
+//!
+//! #[derive(Serialize, Deserialize)]
+//! struct Ask { question: String, reply: Sender<String> }
+//!
+//! let (client, server) = libchan::unix::pair(&libchan::config()).await?;
+//! tokio::spawn(async move {
+//!     let mut asks = server.accept::<Ask>().await?.expect("a channel");
+//!     while let Some(ask) = asks.recv().await? {
+//!         let _ = ask.reply.send(format!("you asked: {}", ask.question)).await;
+//!     }
+//!     Ok::<_, libchan::Error>(())
+//! });
+//! let asks = client.open::<Ask>().await?;
+//! let (reply, mut answers) = channel(1);
+//! asks.send(Ask { question: "ping?".into(), reply }).await.map_err(|e| e.error)?;
+//! assert_eq!(answers.recv().await?.as_deref(), Some("you asked: ping?"));
+//! # Ok(()) }
+//! ```
+//!
+//! ## Crate features
+//!
+//! All on by default; each is additive.
+//!
+//! * `unix` — the unix-socket transport ([`unix`], `libchan-unix`).
+//! * `tcp` — the tcp transport ([`tcp`], `libchan-tcp`).
+//! * `cbor` — the CBOR codec ([`cbor`], `libchan-codec-cbor`), used by [`config()`].
+//!
+//! See [`libchan_core`] for the semantics (ordering, end of stream, errors, delivery when a
+//! connection drops) and the design.
+
+pub use libchan_core::*;
+
+/// The CBOR codec.
+#[cfg(feature = "cbor")]
+pub use libchan_codec_cbor as cbor;
+/// The tcp transport.
+#[cfg(feature = "tcp")]
+pub use libchan_tcp as tcp;
+/// The unix-socket transport.
+#[cfg(feature = "unix")]
+pub use libchan_unix as unix;
+
+/// The default configuration: the CBOR codec and default limits.
+///
+/// ```
+/// assert_eq!(libchan::config().codec_names(), ["cbor"]);
+/// ```
+#[cfg(feature = "cbor")]
+pub fn config() -> Config {
+    Config::new(libchan_codec_cbor::Cbor)
+}
