@@ -99,8 +99,8 @@ struct Partial {
     payload_len: usize,
     nrefs: usize,
     fds: Vec<OwnedFd>,
-    /// Set when the message is being skipped (over a limit); holds the error to deliver.
-    discard: Option<Error>,
+    /// Set when the message is being skipped (over a limit; the error was delivered).
+    discard: bool,
     counted: usize,
 }
 
@@ -1116,7 +1116,6 @@ impl Mux {
             .peer
             .as_ref()
             .map_or(Limits::MIN_FRAME_SIZE, |p| p.max_frame_size);
-        self.ctrl.clear();
         frame::encode_goaway(
             &mut self.ctrl,
             self.last_peer,
@@ -1412,26 +1411,23 @@ impl Mux {
                     let take = p.need.min(payload.len());
                     let piece = payload.split_to(take);
                     p.need -= take;
-                    if p.discard.is_none() {
+                    if !p.discard {
                         p.body.extend_from_slice(&piece);
                         p.counted += take;
                     }
                     if p.need == 0 {
                         let p = s.partial.take().expect("present");
-                        let item = match p.discard {
-                            Some(e) => Err(e),
-                            None => {
-                                s.buffered += MESSAGE_HEADER_LEN + p.body.len();
-                                complete(p.body.freeze(), p.payload_len, p.nrefs, p.fds)
-                                    .inspect_err(|_| {
-                                        s.buffered -=
-                                            MESSAGE_HEADER_LEN + p.payload_len + p.nrefs * REF_LEN;
-                                    })
-                            }
-                        };
-                        pin(&mut pins, &item);
-                        s.msgs.push_back(item);
-                        woke = true;
+                        if !p.discard {
+                            s.buffered += MESSAGE_HEADER_LEN + p.body.len();
+                            let item = complete(p.body.freeze(), p.payload_len, p.nrefs, p.fds)
+                                .inspect_err(|_| {
+                                    s.buffered -=
+                                        MESSAGE_HEADER_LEN + p.payload_len + p.nrefs * REF_LEN;
+                                });
+                            pin(&mut pins, &item);
+                            s.msgs.push_back(item);
+                            woke = true;
+                        }
                     }
                     continue;
                 }
@@ -1486,21 +1482,36 @@ impl Mux {
                     woke = true;
                     continue;
                 }
+                let discarding = discard.is_some();
+                if let Some(e) = discard {
+                    // Reported now; the body's bytes are read and dropped as they come.
+                    drop(fds);
+                    s.msgs.push_back(Err(e));
+                    woke = true;
+                    if body_len == 0 {
+                        continue;
+                    }
+                    s.partial = Some(Partial {
+                        body: BytesMut::new(),
+                        need: body_len,
+                        payload_len,
+                        nrefs,
+                        fds: Vec::new(),
+                        discard: true,
+                        counted: 0,
+                    });
+                    continue;
+                }
+                debug_assert!(!discarding);
                 s.partial = Some(Partial {
                     body: BytesMut::new(),
                     need: body_len,
                     payload_len,
                     nrefs,
                     fds,
-                    discard,
+                    discard: false,
                     counted: MESSAGE_HEADER_LEN,
                 });
-                if body_len == 0 {
-                    // Only possible for discarded messages (a whole one fits otherwise).
-                    let p = s.partial.take().expect("present");
-                    s.msgs.push_back(Err(p.discard.expect("discarded")));
-                    woke = true;
-                }
             }
         }
         Self::grant(&mut self.ctrl, &mut self.flush, id, s, window);

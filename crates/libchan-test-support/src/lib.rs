@@ -3,7 +3,7 @@
 //!
 //! A transport's test file runs the whole suite with one macro call:
 //!
-//! ```ignore
+//! ```text
 //! libchan_test_support::conformance!(unix, || async {
 //!     libchan_unix::pair(&config()).await.unwrap()
 //! }, Caps { fds: true, loss: true });
