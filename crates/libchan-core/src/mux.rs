@@ -206,6 +206,8 @@ pub struct Mux {
     lost: Option<Error>,
     goaway_sent: bool,
     goaway_received: bool,
+    /// A GOAWAY without error was sent or received: accept ends with `Ok(None)`.
+    clean_goaway: bool,
     streams: HashMap<u32, Stream>,
     next_local: u32,
     last_peer: u32,
@@ -261,6 +263,7 @@ impl Mux {
             lost: None,
             goaway_sent: false,
             goaway_received: false,
+            clean_goaway: false,
             streams: HashMap::new(),
             next_local: role.first_id(),
             last_peer: 0,
@@ -404,7 +407,7 @@ impl Mux {
             }
             return Poll::Ready(Ok(Some(id)));
         }
-        if self.goaway_received || self.goaway_sent {
+        if self.clean_goaway {
             return Poll::Ready(Ok(None));
         }
         if let Some(e) = &self.lost {
@@ -879,6 +882,7 @@ impl Mux {
             return;
         }
         self.goaway_sent = true;
+        self.clean_goaway |= reason == Reason::NO_ERROR;
         let max = self
             .peer
             .as_ref()
@@ -1204,6 +1208,7 @@ impl Mux {
                 reason, message, ..
             } => {
                 self.goaway_received = true;
+                self.clean_goaway |= reason == Reason::NO_ERROR;
                 let w = self.accept_waker.take();
                 self.wake(w);
                 if reason != Reason::NO_ERROR {
