@@ -41,7 +41,7 @@ impl Default for Limits {
             max_message_size: 64 * 1024 * 1024,
             initial_window: 256 * 1024,
             max_streams: 16 * 1024,
-            max_pending_accepts: 1024,
+            max_pending_accepts: 16 * 1024,
             max_fds_per_message: 16,
             max_refs_per_message: 1024,
         }

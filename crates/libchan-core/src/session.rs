@@ -116,7 +116,7 @@ impl Session {
 
     /// Two connected in-memory sessions: messages move as Rust values, never serialized.
     pub fn mem_pair() -> (Session, Session) {
-        let cap = 1024;
+        let cap = crate::Limits::default().max_pending_accepts as usize;
         let (ta, ra) = mpsc::channel(cap);
         let (tb, rb) = mpsc::channel(cap);
         let a = MemSession {
