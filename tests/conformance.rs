@@ -43,25 +43,3 @@ libchan_test_support::conformance!(
         loss: true
     }
 );
-
-/// A transport written only against the public traits: the mux over an in-process duplex
-/// pipe (`driver::IoLink`), as a user's own byte transport would be.
-async fn duplex_pair() -> (Session, Session) {
-    use libchan::driver::IoLink;
-    let (x, y) = tokio::io::duplex(256 * 1024);
-    let config = libchan::config();
-    let (a, b) = tokio::join!(
-        Session::over_link(IoLink::new(x), libchan::Role::Dialer, &config),
-        Session::over_link(IoLink::new(y), libchan::Role::Listener, &config)
-    );
-    (a.expect("a"), b.expect("b"))
-}
-
-libchan_test_support::conformance!(
-    custom_link,
-    duplex_pair,
-    Caps {
-        fds: false,
-        loss: true
-    }
-);
