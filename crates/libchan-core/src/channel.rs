@@ -2,7 +2,9 @@
 
 use std::fmt;
 use std::future::poll_fn;
+use std::future::Future;
 use std::marker::PhantomData;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
@@ -10,7 +12,7 @@ use std::task::{Context, Poll};
 use serde::de::Error as _;
 use serde::ser::Error as _;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::error::{Error, ErrorKind, SendError, TrySendError};
 use crate::frame::StreamKind;
@@ -337,6 +339,13 @@ enum RecvInner<T> {
         done: bool,
     },
     Remote(RemoteReceiver),
+    /// A Receiver sent back to us: first what the peer had not delivered (on `first`),
+    /// then the original receiver, handed back by its forwarding task.
+    Returned {
+        first: RemoteReceiver,
+        rest: oneshot::Receiver<RecvInner<T>>,
+        first_done: bool,
+    },
 }
 
 pub(crate) struct RemoteReceiver {
@@ -382,31 +391,17 @@ impl<T: Message> Receiver<T> {
     /// Polls for the next message; see [`recv`](Receiver::recv).
     pub fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<T>, Error>> {
         let mut slot = self.slot.lock().unwrap_or_else(|e| e.into_inner());
-        match slot.as_mut() {
-            None => Poll::Ready(Err(Error::closed("receiver was moved into a message"))),
-            Some(RecvInner::Local { rx, done }) => {
-                if *done {
-                    return Poll::Ready(Ok(None));
+        loop {
+            let next = match slot.as_mut() {
+                None => {
+                    return Poll::Ready(Err(Error::closed("receiver was moved into a message")))
                 }
-                match rx.poll_recv(cx) {
-                    Poll::Pending => Poll::Pending,
-                    Poll::Ready(None) | Poll::Ready(Some(Item::End)) => {
-                        *done = true;
-                        rx.close();
-                        Poll::Ready(Ok(None))
-                    }
-                    Poll::Ready(Some(Item::Value(v))) => Poll::Ready(Ok(Some(v))),
-                    Poll::Ready(Some(Item::Error(e))) => Poll::Ready(Err(e)),
-                }
-            }
-            Some(RecvInner::Remote(r)) => match r.session.conn.poll_recv(cx, r.id) {
-                Poll::Pending => Poll::Pending,
-                Poll::Ready(Ok(None)) => Poll::Ready(Ok(None)),
-                Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
-                Poll::Ready(Ok(Some(m))) => {
-                    Poll::Ready(decode_message::<T>(&r.session, r.id, m).map(Some))
-                }
-            },
+                Some(inner) => match poll_inner(inner, cx) {
+                    Step::Ready(r) => return r,
+                    Step::Switch(next) => next,
+                },
+            };
+            *slot = Some(next);
         }
     }
 
@@ -420,11 +415,75 @@ impl<T: Message> Receiver<T> {
     }
 }
 
+enum Step<T> {
+    Ready(Poll<Result<Option<T>, Error>>),
+    Switch(RecvInner<T>),
+}
+
+fn poll_remote<T: Message>(
+    r: &RemoteReceiver,
+    cx: &mut Context<'_>,
+) -> Poll<Result<Option<T>, Error>> {
+    match r.session.conn.poll_recv(cx, r.id) {
+        Poll::Pending => Poll::Pending,
+        Poll::Ready(Ok(None)) => Poll::Ready(Ok(None)),
+        Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+        Poll::Ready(Ok(Some(m))) => Poll::Ready(decode_message::<T>(&r.session, r.id, m).map(Some)),
+    }
+}
+
+fn poll_inner<T: Message>(inner: &mut RecvInner<T>, cx: &mut Context<'_>) -> Step<T> {
+    match inner {
+        RecvInner::Local { rx, done } => {
+            if *done {
+                return Step::Ready(Poll::Ready(Ok(None)));
+            }
+            Step::Ready(match rx.poll_recv(cx) {
+                Poll::Pending => Poll::Pending,
+                Poll::Ready(None) | Poll::Ready(Some(Item::End)) => {
+                    *done = true;
+                    rx.close();
+                    Poll::Ready(Ok(None))
+                }
+                Poll::Ready(Some(Item::Value(v))) => Poll::Ready(Ok(Some(v))),
+                Poll::Ready(Some(Item::Error(e))) => Poll::Ready(Err(e)),
+            })
+        }
+        RecvInner::Remote(r) => Step::Ready(poll_remote(r, cx)),
+        RecvInner::Returned {
+            first,
+            rest,
+            first_done,
+        } => {
+            if !*first_done {
+                match poll_remote::<T>(first, cx) {
+                    Poll::Ready(Ok(None)) => *first_done = true,
+                    other => return Step::Ready(other),
+                }
+            }
+            match Pin::new(rest).poll(cx) {
+                Poll::Pending => Step::Ready(Poll::Pending),
+                Poll::Ready(Ok(original)) => Step::Switch(original),
+                // The forwarding task ended on its own: everything came through `first`.
+                Poll::Ready(Err(_)) => Step::Switch(RecvInner::Local {
+                    rx: mpsc::channel(1).1,
+                    done: true,
+                }),
+            }
+        }
+    }
+}
+
 impl<T> Drop for Receiver<T> {
     fn drop(&mut self) {
         // Messages still queued in a remote receiver may reference streams: release them.
         let taken = self.slot.lock().unwrap_or_else(|e| e.into_inner()).take();
-        if let Some(RecvInner::Remote(r)) = taken {
+        let remote = match taken {
+            Some(RecvInner::Remote(r)) => Some(r),
+            Some(RecvInner::Returned { first, .. }) => Some(first),
+            _ => None,
+        };
+        if let Some(r) = remote {
             let waker = std::task::Waker::noop();
             let mut cx = Context::from_waker(waker);
             let mut n = 0;
@@ -510,6 +569,27 @@ impl<T: Message> Serialize for Receiver<T> {
             let Some(inner) = taken else {
                 return Err("Receiver was already moved into another message".to_owned());
             };
+            // Sent back to the session whose stream it receives from: name that stream,
+            // and forward what has not been delivered yet on a new one (PROTOCOL.md §7).
+            if let RecvInner::Remote(r) = &inner {
+                if Arc::ptr_eq(&r.session, ctx.session) && !ctx.session.conn.is_local(r.id) {
+                    let marker = ctx.push(
+                        OutRef::Existing(WireRef {
+                            kind: RefKind::ReturnedReceiver,
+                            id: r.id,
+                        }),
+                        None,
+                    );
+                    ctx.push(
+                        OutRef::New(RefKind::Receiver),
+                        Some(Box::new(ReceiverAttach {
+                            slot: self.slot.clone(),
+                            inner: Some(inner),
+                        })),
+                    );
+                    return Ok(marker);
+                }
+            }
             Ok(ctx.push(
                 OutRef::New(RefKind::Receiver),
                 Some(Box::new(ReceiverAttach {
@@ -534,12 +614,42 @@ impl<'de, T: Message> Deserialize<'de> for Receiver<T> {
         let mut erased = <dyn erased_serde::Deserializer>::erase(d);
         let index = codec.read_ref(&mut erased).map_err(D::Error::custom)?;
         with_decode(|ctx| -> Result<Self, String> {
-            let r = ctx.take(index, &[RefKind::Receiver])?;
+            let r = ctx.take(index, &[RefKind::Receiver, RefKind::ReturnedReceiver])?;
+            if r.kind == RefKind::Receiver {
+                ctx.session
+                    .conn
+                    .claim(ctx.parent, r.id, StreamKind::OpenerSends)
+                    .map_err(|e| e.message().to_owned())?;
+                return Ok(Receiver::remote(ctx.session.clone(), r.id));
+            }
+            if !ctx.session.conn.is_local(r.id) {
+                return Err(format!(
+                    "returned Receiver names stream {}, which is not ours",
+                    r.id
+                ));
+            }
+            let rest_ref = ctx.take(index + 1, &[RefKind::Receiver])?;
             ctx.session
                 .conn
-                .claim(ctx.parent, r.id, StreamKind::OpenerSends)
+                .claim(ctx.parent, rest_ref.id, StreamKind::OpenerSends)
                 .map_err(|e| e.message().to_owned())?;
-            Ok(Receiver::remote(ctx.session.clone(), r.id))
+            let first = RemoteReceiver {
+                session: ctx.session.clone(),
+                id: rest_ref.id,
+            };
+            let (back_tx, back_rx) = oneshot::channel();
+            // Ask the forwarding task of our stream to stop and hand the original back.
+            // If it is gone, everything it forwarded arrives on the new stream.
+            if let Some(stop) = ctx.session.take_returned::<ReturnStop<T>>(r.id) {
+                let _ = stop.send(back_tx);
+            }
+            Ok(Receiver {
+                slot: Arc::new(Mutex::new(Some(RecvInner::Returned {
+                    first,
+                    rest: back_rx,
+                    first_done: false,
+                }))),
+            })
         })
         .expect("decode context present")
         .map_err(D::Error::custom)
@@ -603,6 +713,10 @@ struct ReceiverAttach<T> {
     inner: Option<RecvInner<T>>,
 }
 
+/// Sent to a Receiver's forwarding task when the Receiver comes back: the task stops and
+/// hands the original receiver back on the enclosed channel.
+type ReturnStop<T> = oneshot::Sender<oneshot::Sender<RecvInner<T>>>;
+
 impl<T: Message> Attach for ReceiverAttach<T> {
     fn install(mut self: Box<Self>, session: &Arc<NetSession>, id: u32) {
         let inner = self.inner.take().expect("installed once");
@@ -610,9 +724,22 @@ impl<T: Message> Attach for ReceiverAttach<T> {
             slot: Arc::new(Mutex::new(Some(inner))),
         };
         let tx = Sender::<T>::remote(session.clone(), id);
+        let (stop_tx, mut stop_rx) = oneshot::channel::<oneshot::Sender<RecvInner<T>>>();
+        session.export_returned::<ReturnStop<T>>(id, stop_tx);
+        let s = session.clone();
         session.spawn(async move {
             loop {
                 tokio::select! {
+                    biased;
+                    back = &mut stop_rx => {
+                        if let Ok(back) = back {
+                            let taken = rx.slot.lock().unwrap_or_else(|e| e.into_inner()).take();
+                            if let Some(inner) = taken {
+                                let _ = back.send(inner);
+                            }
+                        }
+                        break;
+                    }
                     r = rx.recv() => match r {
                         Ok(Some(v)) => {
                             if tx.send(v).await.is_err() {
@@ -628,6 +755,7 @@ impl<T: Message> Attach for ReceiverAttach<T> {
                     _ = tx.closed() => break,
                 }
             }
+            s.take_returned::<ReturnStop<T>>(id);
         });
     }
 

@@ -33,6 +33,10 @@ pub enum RefKind {
     Fd,
     /// A file descriptor carried as a byte stream on stream `id`.
     FdStream,
+    /// A Receiver sent back to the side that created stream `id` (in the message
+    /// receiver's namespace). The next entry is a [`RefKind::Receiver`] for a new stream
+    /// that carries what the returning side had not delivered yet.
+    ReturnedReceiver,
 }
 
 impl RefKind {
@@ -44,6 +48,7 @@ impl RefKind {
             RefKind::ByteStream => 3,
             RefKind::Fd => 4,
             RefKind::FdStream => 5,
+            RefKind::ReturnedReceiver => 6,
         }
     }
 
@@ -55,6 +60,7 @@ impl RefKind {
             3 => RefKind::ByteStream,
             4 => RefKind::Fd,
             5 => RefKind::FdStream,
+            6 => RefKind::ReturnedReceiver,
             _ => return None,
         })
     }

@@ -308,6 +308,26 @@ impl NetSession {
         drop(v);
     }
 
+    /// Remembers how to get a Receiver sent on stream `id` back if it returns.
+    pub(crate) fn export_returned<H: Send + 'static>(&self, id: u32, handle: H) {
+        self.origins
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, Box::new(handle));
+    }
+
+    /// Takes what [`export_returned`](NetSession::export_returned) stored for `id`.
+    pub(crate) fn take_returned<H: Send + 'static>(&self, id: u32) -> Option<H> {
+        let mut o = self.origins.lock().unwrap_or_else(|e| e.into_inner());
+        if o.get(&id).is_some_and(|b| b.is::<H>()) {
+            o.remove(&id)
+                .and_then(|b| b.downcast::<H>().ok())
+                .map(|b| *b)
+        } else {
+            None
+        }
+    }
+
     pub(crate) fn exported_sender<T: Message>(&self, id: u32) -> Option<Sender<T>> {
         self.origins
             .lock()

@@ -42,6 +42,18 @@ pub async fn within<F: Future>(what: &str, f: F) -> F::Output {
     }
 }
 
+/// Waits until `cond` holds, re-checking each time the task is scheduled again (other
+/// tasks run in between); fails the test after [`GUARD`]. For conditions that change as
+/// background tasks finish, where there is no event to await.
+pub async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    within(what, async {
+        while !cond() {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+}
+
 /// Runs every conformance case against a transport: one `#[tokio::test]` per case.
 #[macro_export]
 macro_rules! conformance {
@@ -55,6 +67,7 @@ macro_rules! conformance {
             $crate::conformance!(@cases $caps;
                 ordering_and_completeness, non_struct_values, both_sides_open_at_once,
                 reply_senders, nested_receivers_deep, ends_sent_back_resolve_to_original,
+                receiver_sent_back_resolves_to_original,
                 sender_sent_back_with_messages_in_flight, forwarding_through_proxy_session,
                 byte_streams_both_ways_half_close, many_streams_in_one_message,
                 end_of_stream_and_close_semantics, close_with_error_reaches_peer,

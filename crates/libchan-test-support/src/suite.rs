@@ -3,7 +3,6 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Duration;
 
 use libchan_core::{channel, pipe, ByteStream, ErrorKind, Fd, Receiver, Sender, Session};
 use serde::{Deserialize, Serialize};
@@ -261,6 +260,46 @@ pub async fn ends_sent_back_resolve_to_original(pair: Arc<PairFn>, _caps: Caps) 
     let mut got = [recv(&mut orig_rx).await, recv(&mut orig_rx).await];
     got.sort();
     assert_eq!(got, ["local".to_owned(), "via b".to_owned()]);
+}
+
+/// A Receiver sent to the peer and sent back becomes the original receiver again: nothing
+/// is lost or reordered, and once what was in flight is drained no forwarding is left.
+pub async fn receiver_sent_back_resolves_to_original(pair: Arc<PairFn>, caps: Caps) {
+    let (a, b) = pair().await;
+    let (to_b, mut at_b) = open_pair::<Receiver<u32>>(&a, &b).await;
+    let (to_a, mut at_a) = open_pair::<Receiver<u32>>(&b, &a).await;
+    let (tx, rx) = channel::<u32>(64);
+    for i in 0..10 {
+        send(&tx, i).await;
+    }
+    send(&to_b, rx).await;
+    let mut at_peer = recv(&mut at_b).await;
+    // The peer takes a few, then sends the receiver back while more are in flight.
+    for i in 0..3 {
+        assert_eq!(recv(&mut at_peer).await, i);
+    }
+    for i in 10..20 {
+        send(&tx, i).await;
+    }
+    send(&to_a, at_peer).await;
+    let mut back = recv(&mut at_a).await;
+    for i in 20..30 {
+        send(&tx, i).await;
+    }
+    for i in 3..30 {
+        assert_eq!(recv(&mut back).await, i, "in order, nothing lost");
+    }
+    if caps.loss {
+        // Drained: the forwarding tasks on both sides are gone.
+        crate::wait_until("forwarders to end", || {
+            a.stats().tasks == 0 && b.stats().tasks == 0
+        })
+        .await;
+    }
+    send(&tx, 30).await;
+    assert_eq!(recv(&mut back).await, 30);
+    drop(tx);
+    assert_eq!(within("eos", back.recv()).await.expect("eos"), None);
 }
 
 /// Sent back while the peer's proxy is dropped at once: no lost reference, no hang.
@@ -569,23 +608,16 @@ pub async fn no_leaks_after_short_lived_nested(pair: Arc<PairFn>, _caps: Caps) {
     drop(tx);
     within("server", server).await.expect("server");
     // Everything winds down asynchronously: wait for the counters, bounded.
-    let settled = within("stats to settle", async {
-        loop {
-            let (sa, sb) = (a.stats(), b.stats());
-            if sa.tasks == 0
-                && sb.tasks == 0
-                && sa.exported == 0
-                && sa.connection.streams <= base_a.connection.streams
-                && sb.connection.streams <= 1
-            {
-                return (sa, sb);
-            }
-            tokio::task::yield_now().await;
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+    crate::wait_until("stats to settle", || {
+        let (sa, sb) = (a.stats(), b.stats());
+        sa.tasks == 0
+            && sb.tasks == 0
+            && sa.exported == 0
+            && sb.exported == 0
+            && sa.connection.streams <= base_a.connection.streams
+            && sb.connection.streams <= 1
     })
     .await;
-    assert_eq!(settled.0.tasks, 0);
 }
 
 /// When the connection is lost, pending receive, send and accept fail as lost, quickly.
