@@ -119,13 +119,16 @@ impl Session {
         let cap = crate::Limits::default().max_pending_accepts as usize;
         let (ta, ra) = mpsc::channel(cap);
         let (tb, rb) = mpsc::channel(cap);
+        let closing = Arc::new(tokio::sync::watch::channel(false).0);
         let a = MemSession {
             to_peer: Mutex::new(Some(tb)),
             accepts: tokio::sync::Mutex::new(ra),
+            closing: closing.clone(),
         };
         let b = MemSession {
             to_peer: Mutex::new(Some(ta)),
             accepts: tokio::sync::Mutex::new(rb),
+            closing,
         };
         (
             Session {
@@ -146,6 +149,9 @@ impl Session {
                 Ok(Sender::remote(n.clone(), id))
             }
             Kind::Mem(m) => {
+                if *m.closing.borrow() {
+                    return Err(Error::closed("session is closing"));
+                }
                 let (tx, rx) = crate::channel::channel::<T>(64);
                 let peer = m
                     .to_peer
@@ -182,8 +188,14 @@ impl Session {
                 Ok(id.map(|id| Receiver::remote(n.clone(), id)))
             }
             Kind::Mem(m) => {
+                let mut closing = m.closing.subscribe();
                 let mut q = m.accepts.lock().await;
-                match q.recv().await {
+                let item = tokio::select! {
+                    biased;
+                    item = q.recv() => item,
+                    _ = closing.wait_for(|c| *c) => None,
+                };
+                match item {
                     None => Ok(None),
                     Some((name, b)) => match b.downcast::<Receiver<T>>() {
                         Ok(rx) => Ok(Some(*rx)),
@@ -202,10 +214,7 @@ impl Session {
         match &self.inner {
             Kind::Net(n) => n.conn.close(),
             Kind::Mem(m) => {
-                m.to_peer.lock().unwrap_or_else(|e| e.into_inner()).take();
-                if let Ok(mut q) = m.accepts.try_lock() {
-                    q.close();
-                }
+                m.closing.send_replace(true);
             }
         }
     }
@@ -261,6 +270,8 @@ type MemAccept = (&'static str, Box<dyn Any + Send>);
 struct MemSession {
     to_peer: Mutex<Option<mpsc::Sender<MemAccept>>>,
     accepts: tokio::sync::Mutex<mpsc::Receiver<MemAccept>>,
+    /// Shared by both sides: set by `close` on either, like a GOAWAY.
+    closing: Arc<tokio::sync::watch::Sender<bool>>,
 }
 
 pub(crate) struct NetSession {

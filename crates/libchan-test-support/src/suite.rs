@@ -719,6 +719,15 @@ pub async fn session_close_is_graceful(pair: Arc<PairFn>, _caps: Caps) {
         .is_none());
     send(&tx, 1).await;
     assert_eq!(recv(&mut rx).await, 1);
+    // No new channels either way once one side closed; the other side's accept ends too.
+    let e = b.open::<u32>().await.expect_err("open after close");
+    assert!(e.is_closed(), "{e}");
+    assert!(within("peer's accept after close", a.accept::<u32>())
+        .await
+        .expect("accept")
+        .is_none());
+    let e = a.open::<u32>().await.expect_err("peer opens after close");
+    assert!(e.is_closed(), "{e}");
     drop(tx);
     assert_eq!(within("eos", rx.recv()).await.expect("eos"), None);
 }
