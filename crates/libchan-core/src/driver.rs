@@ -64,15 +64,6 @@ pub trait LinkWrite: Send + 'static {
     ) -> Poll<io::Result<usize>>;
     /// Shuts the write direction down.
     fn poll_shutdown(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
-
-    /// Writes a prefix of `buf` without waiting and without registering a waker;
-    /// `WouldBlock` if nothing can be written now. Lets a sending task write directly
-    /// when the connection is idle, instead of handing over to the writer task. The
-    /// default always says `WouldBlock`.
-    fn try_write_fds(&mut self, buf: &[u8], fds: &[OwnedFd]) -> io::Result<usize> {
-        let _ = (buf, fds);
-        Err(io::ErrorKind::WouldBlock.into())
-    }
 }
 
 /// A [`Link`] over any tokio byte stream (no descriptor passing).
@@ -182,25 +173,6 @@ pub(crate) struct Shared {
     mux: Mutex<Mux>,
     notify: Notify,
     tasks: Mutex<Vec<JoinHandle<()>>>,
-    /// The write half and its pending bytes: used by the writer task, and directly by any
-    /// task that queued something while the connection was idle. `None` once shut down.
-    writer: Mutex<Option<Writer>>,
-}
-
-struct Writer {
-    link: Box<dyn LinkWrite>,
-    out: BytesMut,
-    pos: usize,
-    fds: Vec<OwnedFd>,
-}
-
-enum WriteStep {
-    /// Nothing left to write.
-    Idle { lost: bool, drained: bool },
-    /// The link failed.
-    Failed(io::Error),
-    /// The writer was shut down.
-    Gone,
 }
 
 impl Shared {
@@ -208,8 +180,10 @@ impl Shared {
         self.mux.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Runs `f` on the mux, then wakes whoever it asked for and flushes what it queued:
-    /// directly if the connection is idle, else through the writer task.
+    /// Runs `f` on the mux, then wakes whoever it asked for, and the writer task if `f`
+    /// queued frames. Woken from a runtime thread, the writer runs on that thread as soon
+    /// as the current task yields (tokio's LIFO slot), so whatever the task queued until
+    /// then goes out in one write, without a hop to the other thread.
     fn with<R>(&self, f: impl FnOnce(&mut Mux) -> R) -> R {
         let mut wakers: Vec<Waker> = Vec::new();
         let (r, flush) = {
@@ -221,97 +195,18 @@ impl Shared {
         for w in wakers {
             w.wake();
         }
-        if flush && !self.flush_inline() {
+        if flush {
             self.notify.notify_one();
         }
         r
     }
 
-    /// Moves queued frames out of the mux into `w.out` when it is empty. Returns the
-    /// mux's state for the writer task.
-    fn refill(&self, w: &mut Writer) -> (bool, bool) {
-        if w.pos < w.out.len() {
-            return (false, false);
-        }
-        w.out.clear();
-        w.pos = 0;
-        let mut wakers: Vec<Waker> = Vec::new();
-        let state = {
-            let mut m = self.lock();
-            m.poll_transmit(&mut w.out, &mut w.fds, WRITE_BATCH);
-            m.take_wakers(&mut wakers);
-            m.take_flush();
-            (m.lost().is_some(), m.is_drained())
-        };
-        for wk in wakers {
-            wk.wake();
-        }
-        state
-    }
-
-    /// Writes what is queued without waiting. True if everything went out (or there is
-    /// nothing to do); false if the writer task must take over.
-    fn flush_inline(&self) -> bool {
-        let Ok(mut g) = self.writer.try_lock() else {
-            return false;
-        };
-        let Some(w) = g.as_mut() else {
-            return true;
-        };
-        loop {
-            self.refill(w);
-            if w.pos == w.out.len() {
-                return true;
-            }
-            match w.link.try_write_fds(&w.out[w.pos..], &w.fds) {
-                Ok(0) => return false,
-                Ok(n) => {
-                    w.pos += n;
-                    w.fds.clear();
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
-                Err(_) => return false,
-            }
-        }
-    }
-
-    /// One step of the writer task: write until idle, pending or failed.
-    fn poll_write_step(&self, cx: &mut Context<'_>) -> Poll<WriteStep> {
-        let mut g = self.writer.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(w) = g.as_mut() else {
-            return Poll::Ready(WriteStep::Gone);
-        };
-        loop {
-            let (lost, drained) = self.refill(w);
-            if w.pos == w.out.len() {
-                return Poll::Ready(WriteStep::Idle { lost, drained });
-            }
-            match w.link.poll_write_fds(cx, &w.out[w.pos..], &w.fds) {
-                Poll::Pending => return Poll::Pending,
-                Poll::Ready(Ok(0)) => {
-                    return Poll::Ready(WriteStep::Failed(io::Error::new(
-                        io::ErrorKind::WriteZero,
-                        "wrote 0 bytes",
-                    )))
-                }
-                Poll::Ready(Ok(n)) => {
-                    w.pos += n;
-                    w.fds.clear();
-                }
-                Poll::Ready(Err(e)) => return Poll::Ready(WriteStep::Failed(e)),
-            }
-        }
-    }
-
-    /// Stops the driver tasks and drops the write half: with the reader gone too, the
-    /// connection closes.
+    /// Stops the driver tasks; they own the link's halves, so the connection closes.
     fn abort_tasks(&self) {
         let tasks = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(|e| e.into_inner()));
         for t in tasks {
             t.abort();
         }
-        let w = self.writer.lock().unwrap_or_else(|e| e.into_inner()).take();
-        drop(w);
     }
 }
 
@@ -354,15 +249,9 @@ impl MuxConnection {
             mux: Mutex::new(mux),
             notify: Notify::new(),
             tasks: Mutex::new(Vec::new()),
-            writer: Mutex::new(Some(Writer {
-                link: w,
-                out: BytesMut::with_capacity(WRITE_BATCH + 64 * 1024),
-                pos: 0,
-                fds: Vec::new(),
-            })),
         });
         let reader = tokio::spawn(read_loop(shared.clone(), r));
-        let writer = tokio::spawn(write_loop(shared.clone()));
+        let writer = tokio::spawn(write_loop(shared.clone(), w));
         {
             let mut t = shared.tasks.lock().unwrap_or_else(|e| e.into_inner());
             t.push(reader);
@@ -455,33 +344,45 @@ async fn read_loop(shared: Arc<Shared>, mut r: Box<dyn LinkRead>) {
     }
 }
 
-async fn write_loop(shared: Arc<Shared>) {
+async fn write_loop(shared: Arc<Shared>, mut w: Box<dyn LinkWrite>) {
+    let mut out = BytesMut::with_capacity(WRITE_BATCH + 64 * 1024);
+    let mut fds: Vec<OwnedFd> = Vec::new();
     loop {
-        match poll_fn(|cx| shared.poll_write_step(cx)).await {
-            WriteStep::Gone => return,
-            WriteStep::Failed(e) => {
-                fail_write(&shared, e);
-                return;
-            }
-            WriteStep::Idle { lost, drained } => {
-                if lost || drained {
-                    let taken = shared
-                        .writer
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .take();
-                    if let Some(mut w) = taken {
-                        let _ = poll_fn(|cx| w.link.poll_shutdown(cx)).await;
+        let (lost, drained) = shared.with(|m| {
+            m.poll_transmit(&mut out, &mut fds, WRITE_BATCH);
+            (m.lost().is_some(), m.is_drained())
+        });
+        if !out.is_empty() {
+            let mut pos = 0;
+            while pos < out.len() {
+                match poll_fn(|cx| w.poll_write_fds(cx, &out[pos..], &fds)).await {
+                    Ok(0) => {
+                        let e = io::Error::new(io::ErrorKind::WriteZero, "wrote 0 bytes");
+                        fail_write(&shared, e);
+                        return;
                     }
-                    if drained && !lost {
-                        // Everything finished; the peer sees our GOAWAY and end of stream.
-                        shared.with(|m| m.fail(Error::closed("session closed")));
+                    Ok(n) => {
+                        pos += n;
+                        fds.clear();
                     }
-                    return;
+                    Err(e) => {
+                        fail_write(&shared, e);
+                        return;
+                    }
                 }
-                shared.notify.notified().await;
             }
+            out.clear();
+            continue;
         }
+        if lost || drained {
+            let _ = poll_fn(|cx| w.poll_shutdown(cx)).await;
+            if drained && !lost {
+                // Everything finished; the peer sees our GOAWAY and end of stream.
+                shared.with(|m| m.fail(Error::closed("session closed")));
+            }
+            return;
+        }
+        shared.notify.notified().await;
     }
 }
 

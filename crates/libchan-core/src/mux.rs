@@ -1026,6 +1026,13 @@ impl Mux {
             }
             if n == 0 && !fin {
                 out.truncate(at);
+                if s.sendable() {
+                    // No room left in this batch for what comes next (a message header
+                    // is never split): keep its turn for the next batch.
+                    s.in_ready = true;
+                    self.ready.push_front(id);
+                    break;
+                }
             } else {
                 frame::patch_len(out, at, n);
                 if fin {

@@ -610,3 +610,34 @@ fn stats_return_to_zero_after_streams_end() {
     assert_eq!(p.a.stats().streams, 0);
     assert_eq!(p.b.stats().streams, 0);
 }
+
+#[test]
+fn a_batch_ending_just_short_of_a_header_does_not_spin() {
+    // Stream 1's message leaves fewer than 8 bytes in the batch; stream 3's next message
+    // header cannot be split, so the batch must end there and stream 3 go next time.
+    for short in 1..9usize {
+        let mut p = Pair::new();
+        let s1 = p.a.open(StreamKind::OpenerSends).expect("open");
+        let s3 = p.a.open(StreamKind::OpenerSends).expect("open");
+        let mut flush = BytesMut::new();
+        p.a.poll_transmit(&mut flush, &mut Vec::new(), 1 << 20);
+        p.b.handle_input(&mut flush, &mut Vec::new())
+            .expect("opens");
+        let max = 1000;
+        // One DATA frame: 9 header + 8 message header + payload.
+        let payload = max - short - 9 - 8;
+        p.a.send_message(s1, message(&vec![1u8; payload]))
+            .expect("send");
+        p.a.send_message(s3, message(b"next")).expect("send");
+        let mut out = BytesMut::new();
+        p.a.poll_transmit(&mut out, &mut Vec::new(), max);
+        assert!(out.len() <= max + 9 + 8, "short {short}: {}", out.len());
+        p.b.handle_input(&mut out, &mut Vec::new()).expect("input");
+        p.run();
+        let (b1, b3) = (accept(&mut p.b), accept(&mut p.b));
+        assert!(matches!(recv(&mut p.b, b1), Poll::Ready(Ok(Some(_)))));
+        assert!(
+            matches!(recv(&mut p.b, b3), Poll::Ready(Ok(Some(m))) if &m.payload[..] == b"next")
+        );
+    }
+}

@@ -131,16 +131,6 @@ impl LinkWrite for TcpWrite {
     fn poll_shutdown(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.0).poll_shutdown(cx)
     }
-
-    fn try_write_fds(&mut self, buf: &[u8], fds: &[OwnedFd]) -> io::Result<usize> {
-        if !fds.is_empty() {
-            return Err(io::Error::new(
-                io::ErrorKind::Unsupported,
-                "tcp cannot pass file descriptors",
-            ));
-        }
-        self.0.try_write(buf)
-    }
 }
 
 mod bytes_compat {

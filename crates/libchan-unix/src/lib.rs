@@ -231,16 +231,6 @@ impl LinkWrite for UnixWrite {
     fn poll_shutdown(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.0).poll_shutdown(cx)
     }
-
-    fn try_write_fds(&mut self, buf: &[u8], fds: &[OwnedFd]) -> io::Result<usize> {
-        if fds.is_empty() {
-            return self.0.try_write(buf);
-        }
-        let sock: &UnixStream = self.0.as_ref();
-        let raw: Vec<RawFd> = fds.iter().map(AsRawFd::as_raw_fd).collect();
-        let fd = sock.as_raw_fd();
-        sock.try_io(Interest::WRITABLE, || send_with_fds(fd, buf, &raw))
-    }
 }
 
 fn send_with_fds(fd: RawFd, buf: &[u8], raw: &[RawFd]) -> io::Result<usize> {
