@@ -38,7 +38,7 @@ impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_frame_size: 64 * 1024,
-            max_message_size: 64 * 1024 * 1024,
+            max_message_size: 128 * 1024 * 1024,
             initial_window: 256 * 1024,
             max_streams: 16 * 1024,
             max_pending_accepts: 16 * 1024,

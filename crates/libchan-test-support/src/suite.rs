@@ -520,30 +520,40 @@ pub async fn decode_error_skips_one_message(pair: Arc<PairFn>, caps: Caps) {
     assert_eq!(within("eos", rx.recv()).await.expect("eos"), None);
 }
 
-/// A 16 MiB message does not stop small messages on other channels.
+/// A 64 MiB message does not stall small messages on other channels: they all arrive
+/// before it does.
 pub async fn large_messages_alongside_small(pair: Arc<PairFn>, _caps: Caps) {
     let (a, b) = pair().await;
     let (big_tx, mut big_rx) = open_pair::<Msg>(&a, &b).await;
     let (small_tx, mut small_rx) = open_pair::<Msg>(&a, &b).await;
+    let order = Arc::new(std::sync::Mutex::new(Vec::new()));
     let big = tokio::spawn(async move {
-        for i in 0..3 {
-            send(&big_tx, msg(i, 16 * 1024 * 1024)).await;
-        }
+        send(&big_tx, msg(7, 64 * 1024 * 1024)).await;
     });
     let small = tokio::spawn(async move {
         for i in 0..2000 {
             send(&small_tx, msg(i, 32)).await;
         }
     });
+    let o = order.clone();
+    let big_reader = tokio::spawn(async move {
+        let m = recv(&mut big_rx).await;
+        o.lock().expect("lock").push("big");
+        m
+    });
     for i in 0..2000 {
         assert_eq!(recv(&mut small_rx).await.seq, i);
     }
-    for i in 0..3 {
-        let m = recv(&mut big_rx).await;
-        assert_eq!(m, msg(i, 16 * 1024 * 1024));
-    }
+    order.lock().expect("lock").push("small");
+    let m = within("big", big_reader).await.expect("big reader");
+    assert_eq!(m, msg(7, 64 * 1024 * 1024));
     big.await.expect("big");
     small.await.expect("small");
+    assert_eq!(
+        *order.lock().expect("lock"),
+        ["small", "big"],
+        "small messages waited for the large one"
+    );
 }
 
 /// Many channels at once, each message carrying nested references.
