@@ -45,15 +45,22 @@ pub(crate) enum Item<T> {
 /// ```
 pub fn channel<T: Send + 'static>(buffer: usize) -> (Sender<T>, Receiver<T>) {
     let (tx, rx) = mpsc::channel(buffer.max(1));
+    let feeds = Arc::new(Feeds::default());
     (
         Sender {
             inner: SenderInner::Local(LocalSender {
                 tx,
                 closed: Arc::new(AtomicBool::new(false)),
+                feeds: feeds.clone(),
             }),
         },
         Receiver {
-            slot: Arc::new(Mutex::new(Some(RecvInner::Local { rx, done: false }))),
+            slot: Arc::new(Mutex::new(Some(RecvInner::Local {
+                rx,
+                done: false,
+                feeds,
+                turn: 0,
+            }))),
         },
     )
 }
@@ -74,6 +81,33 @@ enum SenderInner<T> {
 struct LocalSender<T> {
     tx: mpsc::Sender<Item<T>>,
     closed: Arc<AtomicBool>,
+    feeds: Arc<Feeds>,
+}
+
+/// Streams on which peers send into a local channel: one per copy of the channel's
+/// Sender that went out over a session. The channel's receiver reads them directly, so a
+/// remote sender costs no forwarding task and no extra hop per message.
+#[derive(Default)]
+pub(crate) struct Feeds {
+    list: Mutex<Vec<RemoteReceiver>>,
+    waker: Mutex<Option<std::task::Waker>>,
+}
+
+impl Feeds {
+    fn add(&self, r: RemoteReceiver) {
+        self.list.lock().unwrap_or_else(|e| e.into_inner()).push(r);
+        if let Some(w) = self.waker.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            w.wake();
+        }
+    }
+
+    /// Drops every feed (the peers' sends then fail) and forgets their exports.
+    fn clear(&self) {
+        let list = std::mem::take(&mut *self.list.lock().unwrap_or_else(|e| e.into_inner()));
+        for r in list {
+            r.session.unexport(r.id);
+        }
+    }
 }
 
 pub(crate) struct RemoteSender {
@@ -97,6 +131,7 @@ impl<T> Clone for Sender<T> {
                 SenderInner::Local(l) => SenderInner::Local(LocalSender {
                     tx: l.tx.clone(),
                     closed: l.closed.clone(),
+                    feeds: l.feeds.clone(),
                 }),
                 SenderInner::Remote(r, _) => SenderInner::Remote(r.clone(), PhantomData),
             },
@@ -337,6 +372,8 @@ enum RecvInner<T> {
     Local {
         rx: mpsc::Receiver<Item<T>>,
         done: bool,
+        feeds: Arc<Feeds>,
+        turn: usize,
     },
     Remote(RemoteReceiver),
     /// A Receiver sent back to us: first what the peer had not delivered (on `first`),
@@ -409,8 +446,9 @@ impl<T: Message> Receiver<T> {
     /// received.
     pub fn close(&mut self) {
         let mut slot = self.slot.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(RecvInner::Local { rx, .. }) = slot.as_mut() {
+        if let Some(RecvInner::Local { rx, feeds, .. }) = slot.as_mut() {
             rx.close();
+            feeds.clear();
         }
     }
 }
@@ -432,17 +470,68 @@ fn poll_remote<T: Message>(
     }
 }
 
+enum FeedPoll<T> {
+    Ready(Result<Option<T>, Error>),
+    Pending { any: bool },
+}
+
+/// Polls the feeds of a local channel, starting after the one that delivered last.
+fn poll_feeds<T: Message>(feeds: &Feeds, turn: &mut usize, cx: &mut Context<'_>) -> FeedPoll<T> {
+    *feeds.waker.lock().unwrap_or_else(|e| e.into_inner()) = Some(cx.waker().clone());
+    let mut list = feeds.list.lock().unwrap_or_else(|e| e.into_inner());
+    let mut i = 0;
+    while i < list.len() {
+        let idx = (*turn + i) % list.len();
+        match poll_remote::<T>(&list[idx], cx) {
+            Poll::Pending => i += 1,
+            Poll::Ready(Ok(Some(v))) => {
+                *turn = idx + 1;
+                return FeedPoll::Ready(Ok(Some(v)));
+            }
+            Poll::Ready(Err(e)) if e.is_decode() => {
+                *turn = idx + 1;
+                return FeedPoll::Ready(Err(e));
+            }
+            Poll::Ready(r) => {
+                // This peer's copy of the Sender is gone (or its connection).
+                let gone = list.swap_remove(idx);
+                drop(list);
+                gone.session.unexport(gone.id);
+                drop(gone);
+                if let Err(e) = r {
+                    return FeedPoll::Ready(Err(e));
+                }
+                list = feeds.list.lock().unwrap_or_else(|e| e.into_inner());
+            }
+        }
+    }
+    FeedPoll::Pending {
+        any: !list.is_empty(),
+    }
+}
+
 fn poll_inner<T: Message>(inner: &mut RecvInner<T>, cx: &mut Context<'_>) -> Step<T> {
     match inner {
-        RecvInner::Local { rx, done } => {
+        RecvInner::Local {
+            rx,
+            done,
+            feeds,
+            turn,
+        } => {
             if *done {
                 return Step::Ready(Poll::Ready(Ok(None)));
             }
+            let has_feeds = match poll_feeds::<T>(feeds, turn, cx) {
+                FeedPoll::Ready(r) => return Step::Ready(Poll::Ready(r)),
+                FeedPoll::Pending { any } => any,
+            };
             Step::Ready(match rx.poll_recv(cx) {
                 Poll::Pending => Poll::Pending,
+                Poll::Ready(None) if has_feeds => Poll::Pending,
                 Poll::Ready(None) | Poll::Ready(Some(Item::End)) => {
                     *done = true;
                     rx.close();
+                    feeds.clear();
                     Poll::Ready(Ok(None))
                 }
                 Poll::Ready(Some(Item::Value(v))) => Poll::Ready(Ok(Some(v))),
@@ -468,6 +557,8 @@ fn poll_inner<T: Message>(inner: &mut RecvInner<T>, cx: &mut Context<'_>) -> Ste
                 Poll::Ready(Err(_)) => Step::Switch(RecvInner::Local {
                     rx: mpsc::channel(1).1,
                     done: true,
+                    feeds: Arc::new(Feeds::default()),
+                    turn: 0,
                 }),
             }
         }
@@ -481,7 +572,11 @@ impl<T> Drop for Receiver<T> {
         let remote = match taken {
             Some(RecvInner::Remote(r)) => Some(r),
             Some(RecvInner::Returned { first, .. }) => Some(first),
-            _ => None,
+            Some(RecvInner::Local { feeds, .. }) => {
+                feeds.clear();
+                None
+            }
+            None => None,
         };
         if let Some(r) = remote {
             let waker = std::task::Waker::noop();
@@ -663,6 +758,21 @@ impl<T: Message> Attach for SenderAttach<T> {
     fn install(self: Box<Self>, session: &Arc<NetSession>, id: u32) {
         let tx = self.0;
         session.export_sender(id, tx.clone());
+        if let SenderInner::Local(l) = &tx.inner {
+            let feed = RemoteReceiver {
+                session: session.clone(),
+                id,
+            };
+            if l.tx.is_closed() {
+                // Nobody receives any more: refuse the peer's messages at once.
+                drop(feed);
+                session.unexport(id);
+            } else {
+                // The channel's receiver reads the new stream itself.
+                l.feeds.add(feed);
+            }
+            return;
+        }
         let mut rx = Receiver::<T>::remote(session.clone(), id);
         let s = session.clone();
         session.spawn(async move {
