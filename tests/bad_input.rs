@@ -297,3 +297,31 @@ async fn keepalive_detects_a_silent_peer() {
     s.abort();
     assert!(within("mock", reader).await.expect("mock") >= 1);
 }
+
+#[tokio::test]
+async fn returned_receiver_reference_at_the_largest_index_is_a_decode_error() {
+    let (s, mut mock) = session_and_mock().await;
+    let mut bytes = open(1);
+    // Tag "LCHN" around u32::MAX: a reference index no table can hold.
+    bytes.extend_from_slice(&data(
+        1,
+        &message(
+            &[0xda, 0x4c, 0x43, 0x48, 0x4e, 0x1a, 0xff, 0xff, 0xff, 0xff],
+            &[(6, 2)],
+        ),
+    ));
+    // A ReturnedReceiver entry as the last entry of the table, with no Receiver after it.
+    bytes.extend_from_slice(&data(
+        1,
+        &message(&[0xda, 0x4c, 0x43, 0x48, 0x4e, 0x00], &[(6, 2)]),
+    ));
+    mock.write(&bytes).await.expect("write");
+    let mut rx = within("accept", s.accept::<libchan::Receiver<u32>>())
+        .await
+        .expect("accept")
+        .expect("channel");
+    for _ in 0..2 {
+        let e = within("recv", rx.recv()).await.expect_err("bad reference");
+        assert!(e.is_decode(), "{e}");
+    }
+}

@@ -723,7 +723,10 @@ impl<'de, T: Message> Deserialize<'de> for Receiver<T> {
                     r.id
                 ));
             }
-            let rest_ref = ctx.take(index + 1, &[RefKind::Receiver])?;
+            let next = index
+                .checked_add(1)
+                .ok_or_else(|| "returned Receiver is the last reference".to_owned())?;
+            let rest_ref = ctx.take(next, &[RefKind::Receiver])?;
             ctx.session
                 .conn
                 .claim(ctx.parent, rest_ref.id, StreamKind::OpenerSends)
