@@ -132,6 +132,24 @@ pub struct Hello {
     pub codecs: Vec<String>,
 }
 
+impl Hello {
+    /// The HELLO of this protocol version announcing `limits`; `role` is 1 (dialer) or 2
+    /// (listener).
+    pub fn new(role: u8, limits: &crate::config::Limits, codecs: Vec<String>) -> Hello {
+        Hello {
+            version: VERSION,
+            role,
+            max_frame_size: limits.max_frame_size,
+            max_message_size: limits.max_message_size,
+            initial_window: limits.initial_window,
+            max_streams: limits.max_streams,
+            max_fds_per_message: limits.max_fds_per_message,
+            max_refs_per_message: limits.max_refs_per_message,
+            codecs,
+        }
+    }
+}
+
 /// A decoded frame.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Frame {

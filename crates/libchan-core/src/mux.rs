@@ -240,20 +240,7 @@ impl Mux {
     /// A new connection state; the HELLO is queued for transmission at once.
     pub fn new(role: Role, local: Limits, codecs: Vec<String>) -> Self {
         let mut ctrl = BytesMut::with_capacity(4096);
-        frame::encode_hello(
-            &mut ctrl,
-            &Hello {
-                version: frame::VERSION,
-                role: role.code(),
-                max_frame_size: local.max_frame_size,
-                max_message_size: local.max_message_size,
-                initial_window: local.initial_window,
-                max_streams: local.max_streams,
-                max_fds_per_message: local.max_fds_per_message,
-                max_refs_per_message: local.max_refs_per_message,
-                codecs: codecs.clone(),
-            },
-        );
+        frame::encode_hello(&mut ctrl, &Hello::new(role.code(), &local, codecs.clone()));
         Mux {
             role,
             local,

@@ -123,22 +123,14 @@ fn handshake_error(a: Mux, mut bytes: BytesMut) -> libchan_core::Error {
 }
 
 fn hello(version: u16, role: u8, codecs: &[&str]) -> BytesMut {
-    let l = Limits::default();
-    let mut b = BytesMut::new();
-    frame::encode_hello(
-        &mut b,
-        &Hello {
-            version,
-            role,
-            max_frame_size: l.max_frame_size,
-            max_message_size: l.max_message_size,
-            initial_window: l.initial_window,
-            max_streams: l.max_streams,
-            max_fds_per_message: l.max_fds_per_message,
-            max_refs_per_message: l.max_refs_per_message,
-            codecs: codecs.iter().map(|c| c.to_string()).collect(),
-        },
+    let mut h = Hello::new(
+        role,
+        &Limits::default(),
+        codecs.iter().map(|c| c.to_string()).collect(),
     );
+    h.version = version;
+    let mut b = BytesMut::new();
+    frame::encode_hello(&mut b, &h);
     b
 }
 

@@ -24,18 +24,7 @@ fn unhex(s: &str) -> Vec<u8> {
 }
 
 fn default_hello(role: u8) -> Hello {
-    let l = Limits::default();
-    Hello {
-        version: 1,
-        role,
-        max_frame_size: l.max_frame_size,
-        max_message_size: l.max_message_size,
-        initial_window: l.initial_window,
-        max_streams: l.max_streams,
-        max_fds_per_message: l.max_fds_per_message,
-        max_refs_per_message: l.max_refs_per_message,
-        codecs: vec!["cbor".into()],
-    }
+    Hello::new(role, &Limits::default(), vec!["cbor".into()])
 }
 
 /// A dialer Mux that has completed its handshake with a default listener.

@@ -21,14 +21,9 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::OwnedFd;
-use std::pin::Pin;
-use std::task::{Context, Poll};
 
-use libchan_core::driver::{poll_read_buf, Link, LinkRead, LinkWrite};
+use libchan_core::driver::{IoRead, IoWrite, Link, LinkRead, LinkWrite};
 use libchan_core::{Config, Error, ErrorKind, Role, Session};
-use tokio::io::AsyncWrite;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpStream, ToSocketAddrs};
 
 fn io_err(what: &str, e: io::Error) -> Error {
@@ -94,45 +89,6 @@ pub struct TcpLink(pub TcpStream);
 impl Link for TcpLink {
     fn split(self: Box<Self>) -> (Box<dyn LinkRead>, Box<dyn LinkWrite>) {
         let (r, w) = self.0.into_split();
-        (Box::new(TcpRead(r)), Box::new(TcpWrite(w)))
+        (Box::new(IoRead(r)), Box::new(IoWrite(w)))
     }
-}
-
-struct TcpRead(OwnedReadHalf);
-struct TcpWrite(OwnedWriteHalf);
-
-impl LinkRead for TcpRead {
-    fn poll_read_fds(
-        &mut self,
-        cx: &mut Context<'_>,
-        buf: &mut bytes_compat::BytesMut,
-        _fds: &mut Vec<OwnedFd>,
-    ) -> Poll<io::Result<usize>> {
-        poll_read_buf(Pin::new(&mut self.0), cx, buf)
-    }
-}
-
-impl LinkWrite for TcpWrite {
-    fn poll_write_fds(
-        &mut self,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-        fds: &[OwnedFd],
-    ) -> Poll<io::Result<usize>> {
-        if !fds.is_empty() {
-            return Poll::Ready(Err(io::Error::new(
-                io::ErrorKind::Unsupported,
-                "tcp cannot pass file descriptors",
-            )));
-        }
-        Pin::new(&mut self.0).poll_write(cx, buf)
-    }
-
-    fn poll_shutdown(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_shutdown(cx)
-    }
-}
-
-mod bytes_compat {
-    pub(crate) use libchan_core::driver::BytesMut;
 }

@@ -25,21 +25,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> MockPeer<S> {
 
     /// A valid HELLO for `role` (1 dialer, 2 listener) offering `codecs`.
     pub fn hello_frame(role: u8, codecs: &[&str]) -> Vec<u8> {
-        let l = Limits::default();
         let mut out = BytesMut::new();
         frame::encode_hello(
             &mut out,
-            &Hello {
-                version: frame::VERSION,
+            &Hello::new(
                 role,
-                max_frame_size: l.max_frame_size,
-                max_message_size: l.max_message_size,
-                initial_window: l.initial_window,
-                max_streams: l.max_streams,
-                max_fds_per_message: l.max_fds_per_message,
-                max_refs_per_message: l.max_refs_per_message,
-                codecs: codecs.iter().map(|s| s.to_string()).collect(),
-            },
+                &Limits::default(),
+                codecs.iter().map(|s| s.to_string()).collect(),
+            ),
         );
         out.to_vec()
     }
