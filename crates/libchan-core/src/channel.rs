@@ -169,6 +169,18 @@ impl<T: Message> Sender<T> {
     /// earlier messages of this channel; see the delivery rules in the crate docs. On error
     /// the message is handed back.
     ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// let (tx, mut rx) = libchan_core::channel::<String>(1);
+    /// tx.send("hi".into()).await.unwrap();
+    /// drop(rx);
+    /// // The receiver is gone: the message comes back with the error.
+    /// let e = tx.send("lost?".into()).await.unwrap_err();
+    /// assert_eq!(e.into_inner(), "lost?");
+    /// # }
+    /// ```
+    ///
     /// # Cancel safety
     /// If the future is dropped before it completes, the message was not sent.
     pub async fn send(&self, value: T) -> Result<(), SendError<T>> {
@@ -207,6 +219,14 @@ impl<T: Message> Sender<T> {
     }
 
     /// Sends a message if there is capacity now.
+    ///
+    /// ```
+    /// let (tx, _rx) = libchan_core::channel::<u8>(1);
+    /// tx.try_send(1).unwrap();
+    /// let full = tx.try_send(2).unwrap_err();
+    /// assert!(full.is_full());
+    /// assert_eq!(full.into_inner(), 2);
+    /// ```
     pub fn try_send(&self, value: T) -> Result<(), TrySendError<T>> {
         match &self.inner {
             SenderInner::Local(l) => {
@@ -251,12 +271,37 @@ impl<T: Message> Sender<T> {
     /// Ends the channel cleanly for every clone: the receiver gets the messages sent so
     /// far, then `Ok(None)`. Later sends fail with a [`Closed`](ErrorKind::Closed) error;
     /// closing twice does nothing.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// let (tx, mut rx) = libchan_core::channel::<u8>(4);
+    /// let other = tx.clone();
+    /// tx.send(1).await.unwrap();
+    /// tx.close().await;
+    /// assert!(other.send(2).await.unwrap_err().error.is_closed());
+    /// assert_eq!(rx.recv().await.unwrap(), Some(1));
+    /// assert_eq!(rx.recv().await.unwrap(), None);
+    /// # }
+    /// ```
     pub async fn close(&self) {
         self.end(None).await
     }
 
     /// Ends the channel with an application error: the receiver gets the messages sent so
     /// far, then an [`ErrorKind::Remote`] error carrying `message`, then `Ok(None)`.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// let (tx, mut rx) = libchan_core::channel::<u8>(4);
+    /// tx.close_with_error("disk full").await;
+    /// let e = rx.recv().await.unwrap_err();
+    /// assert!(e.is_remote());
+    /// assert_eq!(e.message(), "disk full");
+    /// assert_eq!(rx.recv().await.unwrap(), None);
+    /// # }
+    /// ```
     pub async fn close_with_error(&self, message: impl Into<String>) {
         self.end(Some(message.into())).await
     }
@@ -287,6 +332,15 @@ impl<T: Message> Sender<T> {
     }
 
     /// Waits until the receiving end is gone (dropped, or its connection lost).
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// let (tx, rx) = libchan_core::channel::<u8>(1);
+    /// drop(rx);
+    /// tx.closed().await;
+    /// # }
+    /// ```
     pub async fn closed(&self) {
         match &self.inner {
             SenderInner::Local(l) => l.tx.closed().await,
@@ -298,6 +352,16 @@ impl<T: Message> Sender<T> {
 
     /// Waits until every message sent so far has been handed to the transport.
     /// (Local channels: returns at once.)
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), libchan_core::Error> {
+    /// let (a, _b) = libchan_core::Session::mem_pair();
+    /// let tx = a.open::<u8>().await?;
+    /// tx.send(1).await.map_err(|e| e.error)?;
+    /// tx.flush().await?;
+    /// # Ok(()) }
+    /// ```
     pub async fn flush(&self) -> Result<(), Error> {
         match &self.inner {
             SenderInner::Local(_) => Ok(()),
@@ -306,6 +370,13 @@ impl<T: Message> Sender<T> {
     }
 
     /// True if both handles send on the same channel.
+    ///
+    /// ```
+    /// let (tx, _rx) = libchan_core::channel::<u8>(1);
+    /// let (other, _orx) = libchan_core::channel::<u8>(1);
+    /// assert!(tx.same_channel(&tx.clone()));
+    /// assert!(!tx.same_channel(&other));
+    /// ```
     pub fn same_channel(&self, other: &Sender<T>) -> bool {
         match (&self.inner, &other.inner) {
             (SenderInner::Local(a), SenderInner::Local(b)) => a.tx.same_channel(&b.tx),
@@ -419,6 +490,16 @@ impl<T: Message> Receiver<T> {
     /// ([`close_with_error`](Sender::close_with_error); the channel then ends), a message
     /// that could not be decoded (the channel goes on) and local misuse.
     ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// let (tx, mut rx) = libchan_core::channel::<u8>(1);
+    /// tokio::spawn(async move { tx.send(9).await.unwrap() });
+    /// assert_eq!(rx.recv().await.unwrap(), Some(9));
+    /// assert_eq!(rx.recv().await.unwrap(), None); // every sender dropped
+    /// # }
+    /// ```
+    ///
     /// # Cancel safety
     /// Cancel safe: no message is lost if the future is dropped.
     pub async fn recv(&mut self) -> Result<Option<T>, Error> {
@@ -444,6 +525,17 @@ impl<T: Message> Receiver<T> {
 
     /// Stops the channel: senders see it closed; messages already queued can still be
     /// received.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// let (tx, mut rx) = libchan_core::channel::<u8>(2);
+    /// tx.send(1).await.unwrap();
+    /// rx.close();
+    /// assert!(tx.send(2).await.is_err());
+    /// assert_eq!(rx.recv().await.unwrap(), Some(1));
+    /// # }
+    /// ```
     pub fn close(&mut self) {
         let mut slot = self.slot.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(RecvInner::Local { rx, feeds, .. }) = slot.as_mut() {

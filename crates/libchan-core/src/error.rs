@@ -86,6 +86,12 @@ impl Error {
     }
 
     /// An error about a limit: names the limit, its value and the offending value.
+    ///
+    /// ```
+    /// let e = libchan_core::Error::limit("max_message_size", 1024, 5000);
+    /// assert!(e.is_limit());
+    /// assert_eq!(e.to_string(), "limit: max_message_size exceeded: 5000 > limit 1024");
+    /// ```
     pub fn limit(limit: &str, max: u64, value: u64) -> Self {
         Error::new(
             ErrorKind::Limit,

@@ -233,6 +233,19 @@ fn err<T>(msg: impl Into<String>) -> Result<T, FrameError> {
 
 /// Decodes one frame from the front of `buf`, if a whole one is there.
 ///
+/// ```
+/// use bytes::BytesMut;
+/// use libchan_core::frame::{decode, encode_credit, Frame};
+/// let mut buf = BytesMut::new();
+/// encode_credit(&mut buf, 3, 1024);
+/// let mut partial = BytesMut::from(&buf[..5]);
+/// assert_eq!(decode(&mut partial, 65536, false), Ok(None)); // needs more bytes
+/// assert_eq!(
+///     decode(&mut buf, 65536, false),
+///     Ok(Some(Frame::Credit { stream: 3, increment: 1024 }))
+/// );
+/// ```
+///
 /// `max_frame_size` is this side's limit; `first` requires a HELLO (the first frame of a
 /// connection), which is checked against [`MAX_HELLO_LEN`] instead. Total: any input gives a
 /// frame, `Ok(None)` (need more bytes) or an error, never a panic, and allocates nothing

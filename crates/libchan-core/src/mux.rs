@@ -238,6 +238,20 @@ impl std::fmt::Debug for Mux {
 
 impl Mux {
     /// A new connection state; the HELLO is queued for transmission at once.
+    ///
+    /// ```
+    /// use bytes::BytesMut;
+    /// use libchan_core::mux::{Mux, Role};
+    /// use libchan_core::Limits;
+    /// let mut a = Mux::new(Role::Dialer, Limits::default(), vec!["cbor".into()]);
+    /// let mut b = Mux::new(Role::Listener, Limits::default(), vec!["cbor".into()]);
+    /// let (mut ab, mut ba) = (BytesMut::new(), BytesMut::new());
+    /// a.poll_transmit(&mut ab, &mut Vec::new(), 1 << 16);
+    /// b.poll_transmit(&mut ba, &mut Vec::new(), 1 << 16);
+    /// b.handle_input(&mut ab, &mut Vec::new()).unwrap();
+    /// a.handle_input(&mut ba, &mut Vec::new()).unwrap();
+    /// assert_eq!(a.codec(), Some("cbor"));
+    /// ```
     pub fn new(role: Role, local: Limits, codecs: Vec<String>) -> Self {
         let mut ctrl = BytesMut::with_capacity(4096);
         frame::encode_hello(&mut ctrl, &Hello::new(role.code(), &local, codecs.clone()));

@@ -88,6 +88,25 @@ impl Session {
     ///
     /// `role` decides who opens odd and who opens even stream ids: one side must be
     /// [`Role::Dialer`] and the other [`Role::Listener`].
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), libchan_core::Error> {
+    /// use libchan_core::{driver::IoLink, Config, Role, Session};
+    /// let config = Config::new(libchan_codec_cbor::Cbor);
+    /// let (x, y) = tokio::io::duplex(64 * 1024);
+    /// let (a, b) = tokio::join!(
+    ///     Session::over_link(IoLink::new(x), Role::Dialer, &config),
+    ///     Session::over_link(IoLink::new(y), Role::Listener, &config),
+    /// );
+    /// let (a, b) = (a?, b?);
+    /// assert_eq!(a.codec(), "cbor");
+    /// let tx = a.open::<Vec<u8>>().await?;
+    /// tx.send(vec![1, 2]).await.map_err(|e| e.error)?;
+    /// let mut rx = b.accept::<Vec<u8>>().await?.expect("a channel");
+    /// assert_eq!(rx.recv().await?, Some(vec![1, 2]));
+    /// # Ok(()) }
+    /// ```
     pub async fn over_link(link: impl Link, role: Role, config: &Config) -> Result<Session, Error> {
         let conn = MuxConnection::start(Box::new(link), role, config).await?;
         Session::over_connection(Box::new(conn), config)
@@ -210,6 +229,20 @@ impl Session {
     }
 
     /// Starts a graceful close: no new channels either way; channels already open finish.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), libchan_core::Error> {
+    /// let (a, b) = libchan_core::Session::mem_pair();
+    /// let tx = a.open::<u8>().await?;
+    /// b.close();
+    /// assert!(a.open::<u8>().await.unwrap_err().is_closed());
+    /// let mut rx = b.accept::<u8>().await?.expect("opened before the close");
+    /// tx.send(1).await.map_err(|e| e.error)?; // open channels still work
+    /// assert_eq!(rx.recv().await?, Some(1));
+    /// assert!(b.accept::<u8>().await?.is_none());
+    /// # Ok(()) }
+    /// ```
     pub fn close(&self) {
         match &self.inner {
             Kind::Net(n) => n.conn.close(),
@@ -253,6 +286,11 @@ impl Session {
     }
 
     /// Counters for tests and monitoring.
+    ///
+    /// ```
+    /// let (a, _b) = libchan_core::Session::mem_pair();
+    /// assert_eq!(a.stats().tasks, 0);
+    /// ```
     pub fn stats(&self) -> SessionStats {
         match &self.inner {
             Kind::Net(n) => SessionStats {
