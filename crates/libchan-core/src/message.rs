@@ -165,6 +165,50 @@ impl OutMessage {
         self.buf.is_empty()
     }
 
+    /// The whole message as it goes on a channel stream: header, payload, references.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.buf
+    }
+
+    /// The codec payload.
+    pub fn payload(&self) -> &[u8] {
+        &self.buf[MESSAGE_HEADER_LEN..MESSAGE_HEADER_LEN + self.payload_len]
+    }
+
+    /// The references, in table order. [`OutRef::New`] entries need a stream opened by
+    /// the connection, whose id it records with [`set_ref_id`](OutMessage::set_ref_id).
+    pub fn refs(&self) -> &[OutRef] {
+        &self.refs
+    }
+
+    /// Records the id of the stream opened for the reference at `index`.
+    ///
+    /// # Panics
+    /// If `index` is out of range (a bug in the connection, never input from a peer).
+    pub fn set_ref_id(&mut self, index: usize, id: u32) {
+        assert!(index < self.refs.len(), "reference index out of range");
+        self.patch_id(index, id);
+    }
+
+    /// The reference table as the receiver will see it (ids as recorded so far).
+    pub fn wire_refs(&self) -> Vec<WireRef> {
+        let at = MESSAGE_HEADER_LEN + self.payload_len;
+        self.buf[at..]
+            .chunks_exact(REF_LEN)
+            .filter_map(|r| {
+                Some(WireRef {
+                    kind: RefKind::from_code(r[0])?,
+                    id: u32::from_be_bytes([r[1], r[2], r[3], r[4]]),
+                })
+            })
+            .collect()
+    }
+
+    /// Takes the descriptors attached to the message.
+    pub fn take_fds(&mut self) -> Vec<OwnedFd> {
+        std::mem::take(&mut self.fds)
+    }
+
     /// Writes the id assigned to the reference at `index`.
     pub(crate) fn patch_id(&mut self, index: usize, id: u32) {
         let at = MESSAGE_HEADER_LEN + self.payload_len + index * REF_LEN + 1;
