@@ -32,6 +32,11 @@ pub struct Limits {
     pub max_fds_per_message: u16,
     /// References (channels, streams, fds) in one message.
     pub max_refs_per_message: u16,
+    /// Bytes the session may hold for the application over all streams before
+    /// partially received large messages stop getting credit beyond the window (local,
+    /// not announced). With it, a session holds at most about
+    /// `max_session_buffer + max_streams × initial_window` bytes.
+    pub max_session_buffer: usize,
 }
 
 impl Default for Limits {
@@ -44,6 +49,7 @@ impl Default for Limits {
             max_pending_accepts: 16 * 1024,
             max_fds_per_message: 16,
             max_refs_per_message: 1024,
+            max_session_buffer: 256 * 1024 * 1024,
         }
     }
 }

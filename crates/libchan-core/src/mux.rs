@@ -223,6 +223,15 @@ pub struct Mux {
     flush: bool,
     ping_seq: u64,
     ping_outstanding: bool,
+    /// Bytes held for the application over all streams: queued messages and bytes, and
+    /// partially received messages.
+    held: usize,
+    /// The one stream whose partial message keeps growing beyond its window while the
+    /// session holds more than `max_session_buffer` (so that one can always complete).
+    priority: Option<u32>,
+    /// Streams whose partial message was denied growth beyond the window; granted again
+    /// once the session is back within budget or the priority stream finished.
+    starved: Vec<u32>,
 }
 
 impl std::fmt::Debug for Mux {
@@ -280,6 +289,9 @@ impl Mux {
             flush: true,
             ping_seq: 0,
             ping_outstanding: false,
+            held: 0,
+            priority: None,
+            starved: Vec::new(),
         }
     }
 
@@ -663,6 +675,11 @@ impl Mux {
     /// The local handle of `id` is gone. Unsent data is still sent; an open receive half is
     /// reset so the peer stops sending.
     pub fn release(&mut self, id: u32) {
+        let before = self.held_by(id);
+        self.held = self.held.saturating_sub(before);
+        if self.priority == Some(id) {
+            self.priority = None;
+        }
         let Some(s) = self.streams.get_mut(&id) else {
             return;
         };
@@ -703,6 +720,7 @@ impl Mux {
             self.release_refs(&m.refs);
         }
         self.maybe_remove(id);
+        self.unstarve();
     }
 
     /// Releases the peer-opened streams referenced by a message nobody will decode.
@@ -763,9 +781,24 @@ impl Mux {
         };
         if let Some(item) = s.msgs.pop_front() {
             if let Ok(m) = &item {
-                s.buffered -= m.payload.len() + m.refs.len() * REF_LEN + MESSAGE_HEADER_LEN;
+                let n = m.payload.len() + m.refs.len() * REF_LEN + MESSAGE_HEADER_LEN;
+                s.buffered -= n;
+                self.held = self.held.saturating_sub(n);
             }
-            Self::grant(&mut self.ctrl, &mut self.flush, id, s, window);
+            if self.priority == Some(id) && s.msgs.is_empty() && s.partial.is_none() {
+                // Its message beyond the budget was taken: another stream may go next.
+                self.priority = None;
+            }
+            let exempt = s.partial.is_some()
+                && exempt(
+                    &mut self.priority,
+                    &mut self.starved,
+                    id,
+                    self.held,
+                    self.local.max_session_buffer,
+                );
+            Self::grant(&mut self.ctrl, &mut self.flush, id, s, window, exempt);
+            self.unstarve();
             return Poll::Ready(item.map(Some));
         }
         if s.pins > 0 && lost.is_none() {
@@ -819,7 +852,8 @@ impl Mux {
                 }
             }
             s.buffered -= n;
-            Self::grant(&mut self.ctrl, &mut self.flush, id, s, window);
+            self.held = self.held.saturating_sub(n);
+            Self::grant(&mut self.ctrl, &mut self.flush, id, s, window, false);
             return Poll::Ready(Ok(n));
         }
         match s.rx.clone() {
@@ -840,12 +874,23 @@ impl Mux {
     }
 
     /// Grants credit for stream `s` per the receiver policy of docs/PROTOCOL.md §6.
-    fn grant(ctrl: &mut BytesMut, flush: &mut bool, id: u32, s: &mut Stream, window: u32) {
+    ///
+    /// A partially received message at the head of the queue does not count against the
+    /// window (it must be able to complete), as long as the session holds no more than
+    /// `max_session_buffer` bytes in all (`exempt`).
+    fn grant(
+        ctrl: &mut BytesMut,
+        flush: &mut bool,
+        id: u32,
+        s: &mut Stream,
+        window: u32,
+        exempt: bool,
+    ) {
         if !matches!(s.rx, RxState::Open) || !s.can_recv {
             return;
         }
         let partial = s.partial.as_ref().map_or(0, |p| p.counted);
-        let charged = if s.msgs.is_empty() {
+        let charged = if s.msgs.is_empty() && exempt {
             s.buffered
         } else {
             s.buffered + partial
@@ -1142,6 +1187,64 @@ impl Mux {
     }
 
     fn handle_frame(&mut self, f: Frame) -> Result<(), Error> {
+        let stream = match &f {
+            Frame::Data { stream, .. }
+            | Frame::Close { stream, .. }
+            | Frame::Reset { stream, .. } => Some(*stream),
+            _ => None,
+        };
+        let before = stream.map_or(0, |id| self.held_by(id));
+        let r = self.handle_frame_inner(f);
+        if let Some(id) = stream {
+            let after = self.held_by(id);
+            self.held = (self.held + after).saturating_sub(before);
+            if self.priority == Some(id)
+                && self
+                    .streams
+                    .get(&id)
+                    .is_none_or(|s| s.partial.is_none() && s.msgs.is_empty())
+            {
+                self.priority = None;
+            }
+            self.unstarve();
+        }
+        r
+    }
+
+    /// Re-grants credit to starved streams once that is allowed again.
+    fn unstarve(&mut self) {
+        if self.starved.is_empty()
+            || (self.held > self.local.max_session_buffer && self.priority.is_some())
+        {
+            return;
+        }
+        let window = self.local.initial_window;
+        for id in std::mem::take(&mut self.starved) {
+            let Some(s) = self.streams.get_mut(&id) else {
+                continue;
+            };
+            let ex = s.partial.is_some()
+                && exempt(
+                    &mut self.priority,
+                    &mut self.starved,
+                    id,
+                    self.held,
+                    self.local.max_session_buffer,
+                );
+            Self::grant(&mut self.ctrl, &mut self.flush, id, s, window, ex);
+        }
+    }
+
+    fn held_by(&self, id: u32) -> usize {
+        self.streams.get(&id).map_or(0, held)
+    }
+
+    /// Bytes held for the application over all streams (for tests and monitoring).
+    pub fn held(&self) -> usize {
+        self.held
+    }
+
+    fn handle_frame_inner(&mut self, f: Frame) -> Result<(), Error> {
         match f {
             Frame::Hello(h) => self.handle_hello(h),
             Frame::Open {
@@ -1275,6 +1378,7 @@ impl Mux {
             max_pending_accepts: 0,
             max_fds_per_message: h.max_fds_per_message,
             max_refs_per_message: h.max_refs_per_message,
+            max_session_buffer: 0,
         };
         if let Err(m) = limits.validate() {
             return Err(hs(format!("peer's limits are invalid: {m}")));
@@ -1403,6 +1507,8 @@ impl Mux {
             ));
             s.rx = RxState::Failed(e);
             s.msgs.clear();
+            s.bytes.clear();
+            s.buffered = 0;
             s.partial = None;
             frame::encode_reset(&mut self.ctrl, id, Reason::PROTOCOL);
             self.flush = true;
@@ -1527,7 +1633,20 @@ impl Mux {
                 });
             }
         }
-        Self::grant(&mut self.ctrl, &mut self.flush, id, s, window);
+        // The session total is settled by `handle_frame` after this frame; judge the
+        // exemption on what it was before plus this frame.
+        if s.partial.is_none() && s.msgs.is_empty() && self.priority == Some(id) {
+            self.priority = None;
+        }
+        let exempt = s.partial.is_some()
+            && exempt(
+                &mut self.priority,
+                &mut self.starved,
+                id,
+                self.held + len,
+                self.local.max_session_buffer,
+            );
+        Self::grant(&mut self.ctrl, &mut self.flush, id, s, window, exempt);
         if woke {
             let w = s.rx_waker.take();
             self.wake(w);
@@ -1544,6 +1663,38 @@ impl Mux {
         }
         Ok(())
     }
+}
+
+/// Whether stream `id`'s partial head message may grow beyond the window: always while the
+/// session is within its buffer budget; beyond it, for one stream at a time.
+fn exempt(
+    priority: &mut Option<u32>,
+    starved: &mut Vec<u32>,
+    id: u32,
+    held: usize,
+    budget: usize,
+) -> bool {
+    if held <= budget {
+        return true;
+    }
+    match *priority {
+        Some(p) if p == id => true,
+        Some(_) => {
+            if !starved.contains(&id) {
+                starved.push(id);
+            }
+            false
+        }
+        None => {
+            *priority = Some(id);
+            true
+        }
+    }
+}
+
+/// Bytes a stream holds for the application.
+fn held(s: &Stream) -> usize {
+    s.buffered + s.partial.as_ref().map_or(0, |p| p.counted)
 }
 
 fn pin(pins: &mut Vec<u32>, item: &RecvItem) {
