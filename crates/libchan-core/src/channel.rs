@@ -18,8 +18,7 @@ use crate::error::{Error, ErrorKind, SendError, TrySendError};
 use crate::frame::StreamKind;
 use crate::message::{OutRef, RefKind, WireRef};
 use crate::session::{
-    decode_message, discard_message, encode_message, with_decode, with_encode, Attach, Message,
-    NetSession,
+    decode_message, encode_message, with_decode, with_encode, Attach, Message, NetSession,
 };
 
 pub(crate) enum Item<T> {
@@ -659,28 +658,12 @@ fn poll_inner<T: Message>(inner: &mut RecvInner<T>, cx: &mut Context<'_>) -> Ste
 
 impl<T> Drop for Receiver<T> {
     fn drop(&mut self) {
-        // Messages still queued in a remote receiver may reference streams: release them.
+        // A remote end releases its stream when dropped (the connection drops what is
+        // still queued and releases what those messages reference); a local channel's
+        // feeds are dropped and forgotten here.
         let taken = self.slot.lock().unwrap_or_else(|e| e.into_inner()).take();
-        let remote = match taken {
-            Some(RecvInner::Remote(r)) => Some(r),
-            Some(RecvInner::Returned { first, .. }) => Some(first),
-            Some(RecvInner::Local { feeds, .. }) => {
-                feeds.clear();
-                None
-            }
-            None => None,
-        };
-        if let Some(r) = remote {
-            let waker = std::task::Waker::noop();
-            let mut cx = Context::from_waker(waker);
-            let mut n = 0;
-            while let Poll::Ready(Ok(Some(m))) = r.session.conn.poll_recv(&mut cx, r.id) {
-                discard_message(&r.session, &m);
-                n += 1;
-                if n > 4096 {
-                    break;
-                }
-            }
+        if let Some(RecvInner::Local { feeds, .. }) = taken {
+            feeds.clear();
         }
     }
 }

@@ -67,9 +67,13 @@ pub trait Connection: Send + Sync + fmt::Debug + 'static {
     fn finish(&self, id: u32);
     /// Ends the send half of `id` with an application error.
     fn close_with_error(&self, id: u32, message: &str);
-    /// The local handle of `id` is gone.
+    /// The local handle of `id` is gone. What is still queued for it is dropped, and the
+    /// streams those messages reference are released as by
+    /// [`release_refs`](Connection::release_refs); an open receiving direction is reset.
     fn release(&self, id: u32);
-    /// Releases streams referenced by a received message that was not decoded.
+    /// Called once for every received message after it was decoded (or not): releases
+    /// the streams it references that the decoder did not claim, and unpins the local
+    /// Sender streams it sent back (PROTOCOL.md §7, "Sent back").
     fn release_refs(&self, refs: &[WireRef]);
     /// Starts a graceful close (no new channels; existing ones finish).
     fn close(&self);

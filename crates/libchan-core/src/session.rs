@@ -555,22 +555,10 @@ pub(crate) fn decode_message<T: Message>(
         Ok(())
     });
     DECODE.with(|c| c.set(prev));
-    if ctx.used.iter().any(|u| !u) {
-        let unused: Vec<WireRef> = refs
-            .iter()
-            .zip(&ctx.used)
-            .filter(|(r, u)| !**u && r.kind != RefKind::Fd && !session.conn.is_local(r.id))
-            .map(|(r, _)| *r)
-            .collect();
-        session.conn.release_refs(&unused);
+    if !refs.is_empty() {
+        // Streams the decoder did not claim are released; Senders sent back are unpinned.
+        session.conn.release_refs(&refs);
     }
     res?;
     out.ok_or_else(|| Error::decode("codec produced no value"))
-}
-
-/// Releases what a received message references without decoding it.
-pub(crate) fn discard_message(session: &NetSession, msg: &InMessage) {
-    if !msg.refs.is_empty() {
-        session.conn.release_refs(&msg.refs);
-    }
 }

@@ -292,7 +292,8 @@ pub async fn receiver_sent_back_resolves_to_original(pair: Arc<PairFn>, caps: Ca
     if caps.loss {
         // Drained: the forwarding tasks on both sides are gone.
         crate::wait_until("forwarders to end", || {
-            a.stats().tasks == 0 && b.stats().tasks == 0
+            let (sa, sb) = (a.stats(), b.stats());
+            sa.tasks == 0 && sb.tasks == 0 && sb.exported == 0
         })
         .await;
     }
@@ -325,6 +326,11 @@ pub async fn sender_sent_back_with_messages_in_flight(pair: Arc<PairFn>, _caps: 
     }
     drop(to_b);
     within("bounce", bounce).await.expect("bounce");
+    // Every round's stream and its export are gone once both sides dropped their ends.
+    crate::wait_until("exports to be released", || {
+        a.stats().exported == 0 && a.stats().connection.streams <= 2
+    })
+    .await;
 }
 
 /// Ends forwarded through a middle session reach the far side and work both ways.
