@@ -73,6 +73,7 @@ macro_rules! conformance {
                 end_of_stream_and_close_semantics, close_with_error_reaches_peer,
                 decode_error_skips_one_message, large_messages_alongside_small,
                 many_concurrent_channels_with_nested_refs, no_leaks_after_short_lived_nested,
+                no_leaks_for_every_kind_of_end,
                 loss_fails_pending_ops, fd_passing, accept_wrong_type_is_decode_error,
                 session_close_is_graceful, backpressure_bounds_memory);
         }
