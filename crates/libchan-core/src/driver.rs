@@ -514,11 +514,6 @@ impl Connection for MuxConnection {
     }
 
     fn stats(&self) -> ConnectionStats {
-        let s = self.shared.lock().stats();
-        ConnectionStats {
-            streams: s.streams,
-            pending_accepts: s.pending_accepts,
-            unclaimed_fds: s.unclaimed_fds,
-        }
+        self.shared.lock().stats()
     }
 }

@@ -24,6 +24,7 @@ use std::task::{Context, Poll, Waker};
 use bytes::{Bytes, BytesMut};
 
 use crate::config::Limits;
+use crate::conn::ConnectionStats;
 use crate::error::{Error, ErrorKind};
 use crate::frame::{self, Frame, Hello, Reason, StreamKind, FLAG_FIN};
 use crate::message::{
@@ -58,17 +59,6 @@ impl Role {
     pub fn owns(self, id: u32) -> bool {
         (id % 2 == 1) == (self == Role::Dialer)
     }
-}
-
-/// Counters of a connection, for tests and monitoring.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct MuxStats {
-    /// Stream entries in the table.
-    pub streams: usize,
-    /// Top-level channels waiting to be accepted.
-    pub pending_accepts: usize,
-    /// Descriptors received but not yet claimed by a message.
-    pub unclaimed_fds: usize,
 }
 
 type RecvItem = Result<InMessage, Error>;
@@ -316,8 +306,8 @@ impl Mux {
     }
 
     /// Counters for tests and monitoring.
-    pub fn stats(&self) -> MuxStats {
-        MuxStats {
+    pub fn stats(&self) -> ConnectionStats {
+        ConnectionStats {
             streams: self.streams.len(),
             pending_accepts: self.accept_q.len(),
             unclaimed_fds: self.fd_in.len(),

@@ -369,10 +369,8 @@ impl Serialize for Fd {
                         })),
                     ))
                 }
-                Some(FdInner::Stream(_)) => {
-                    let Some(FdInner::Stream(bs)) = g.take() else {
-                        unreachable!("checked above")
-                    };
+                Some(FdInner::Stream(bs)) => {
+                    // Forwarded as a stream again; on a failed send it goes back in place.
                     let inner = bs.slot.lock().unwrap_or_else(|e| e.into_inner()).take();
                     let Some(inner) = inner else {
                         return Err("Fd stream was moved".to_owned());
@@ -380,7 +378,7 @@ impl Serialize for Fd {
                     Ok(ctx.push(
                         OutRef::New(RefKind::FdStream),
                         Some(Box::new(BytesAttach {
-                            slot: Arc::new(Mutex::new(None)),
+                            slot: bs.slot.clone(),
                             inner: Some(inner),
                         })),
                     ))
