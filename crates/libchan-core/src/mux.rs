@@ -213,15 +213,8 @@ pub struct Mux {
     flush: bool,
     ping_seq: u64,
     ping_outstanding: bool,
-    /// Bytes held for the application over all streams: queued messages and bytes, and
-    /// partially received messages.
-    held: usize,
-    /// The one stream whose partial message keeps growing beyond its window while the
-    /// session holds more than `max_session_buffer` (so that one can always complete).
-    priority: Option<u32>,
-    /// Streams whose partial message was denied growth beyond the window; granted again
-    /// once the session is back within budget or the priority stream finished.
-    starved: Vec<u32>,
+    /// What the session holds for the application, and who may grow beyond a window.
+    budget: Budget,
 }
 
 impl std::fmt::Debug for Mux {
@@ -252,6 +245,7 @@ impl Mux {
     /// assert_eq!(a.codec(), Some("cbor"));
     /// ```
     pub fn new(role: Role, local: Limits, codecs: Vec<String>) -> Self {
+        let budget_max = local.max_session_buffer;
         let mut ctrl = BytesMut::with_capacity(4096);
         frame::encode_hello(&mut ctrl, &Hello::new(role.code(), &local, codecs.clone()));
         Mux {
@@ -279,9 +273,12 @@ impl Mux {
             flush: true,
             ping_seq: 0,
             ping_outstanding: false,
-            held: 0,
-            priority: None,
-            starved: Vec::new(),
+            budget: Budget {
+                held: 0,
+                max: budget_max,
+                priority: None,
+                starved: Vec::new(),
+            },
         }
     }
 
@@ -666,10 +663,8 @@ impl Mux {
     /// reset so the peer stops sending.
     pub fn release(&mut self, id: u32) {
         let before = self.held_by(id);
-        self.held = self.held.saturating_sub(before);
-        if self.priority == Some(id) {
-            self.priority = None;
-        }
+        self.budget.held = self.budget.held.saturating_sub(before);
+        self.budget.forget(id);
         let Some(s) = self.streams.get_mut(&id) else {
             return;
         };
@@ -773,20 +768,9 @@ impl Mux {
             if let Ok(m) = &item {
                 let n = m.payload.len() + m.refs.len() * REF_LEN + MESSAGE_HEADER_LEN;
                 s.buffered -= n;
-                self.held = self.held.saturating_sub(n);
+                self.budget.held = self.budget.held.saturating_sub(n);
             }
-            if self.priority == Some(id) && s.msgs.is_empty() && s.partial.is_none() {
-                // Its message beyond the budget was taken: another stream may go next.
-                self.priority = None;
-            }
-            let exempt = s.partial.is_some()
-                && exempt(
-                    &mut self.priority,
-                    &mut self.starved,
-                    id,
-                    self.held,
-                    self.local.max_session_buffer,
-                );
+            let exempt = self.budget.exempt(id, s, 0);
             Self::grant(&mut self.ctrl, &mut self.flush, id, s, window, exempt);
             self.unstarve();
             return Poll::Ready(item.map(Some));
@@ -842,7 +826,7 @@ impl Mux {
                 }
             }
             s.buffered -= n;
-            self.held = self.held.saturating_sub(n);
+            self.budget.held = self.budget.held.saturating_sub(n);
             Self::grant(&mut self.ctrl, &mut self.flush, id, s, window, false);
             return Poll::Ready(Ok(n));
         }
@@ -1187,14 +1171,13 @@ impl Mux {
         let r = self.handle_frame_inner(f);
         if let Some(id) = stream {
             let after = self.held_by(id);
-            self.held = (self.held + after).saturating_sub(before);
-            if self.priority == Some(id)
-                && self
-                    .streams
-                    .get(&id)
-                    .is_none_or(|s| s.partial.is_none() && s.msgs.is_empty())
-            {
-                self.priority = None;
+            self.budget.held = (self.budget.held + after).saturating_sub(before);
+            let idle = self
+                .streams
+                .get(&id)
+                .is_none_or(|s| s.partial.is_none() && s.msgs.is_empty());
+            if idle {
+                self.budget.forget(id);
             }
             self.unstarve();
         }
@@ -1203,24 +1186,12 @@ impl Mux {
 
     /// Re-grants credit to starved streams once that is allowed again.
     fn unstarve(&mut self) {
-        if self.starved.is_empty()
-            || (self.held > self.local.max_session_buffer && self.priority.is_some())
-        {
-            return;
-        }
         let window = self.local.initial_window;
-        for id in std::mem::take(&mut self.starved) {
+        for id in self.budget.take_starved() {
             let Some(s) = self.streams.get_mut(&id) else {
                 continue;
             };
-            let ex = s.partial.is_some()
-                && exempt(
-                    &mut self.priority,
-                    &mut self.starved,
-                    id,
-                    self.held,
-                    self.local.max_session_buffer,
-                );
+            let ex = self.budget.exempt(id, s, 0);
             Self::grant(&mut self.ctrl, &mut self.flush, id, s, window, ex);
         }
     }
@@ -1231,7 +1202,7 @@ impl Mux {
 
     /// Bytes held for the application over all streams (for tests and monitoring).
     pub fn held(&self) -> usize {
-        self.held
+        self.budget.held
     }
 
     fn handle_frame_inner(&mut self, f: Frame) -> Result<(), Error> {
@@ -1625,17 +1596,7 @@ impl Mux {
         }
         // The session total is settled by `handle_frame` after this frame; judge the
         // exemption on what it was before plus this frame.
-        if s.partial.is_none() && s.msgs.is_empty() && self.priority == Some(id) {
-            self.priority = None;
-        }
-        let exempt = s.partial.is_some()
-            && exempt(
-                &mut self.priority,
-                &mut self.starved,
-                id,
-                self.held + len,
-                self.local.max_session_buffer,
-            );
+        let exempt = self.budget.exempt(id, s, len);
         Self::grant(&mut self.ctrl, &mut self.flush, id, s, window, exempt);
         if woke {
             let w = s.rx_waker.take();
@@ -1655,29 +1616,61 @@ impl Mux {
     }
 }
 
-/// Whether stream `id`'s partial head message may grow beyond the window: always while the
-/// session is within its buffer budget; beyond it, for one stream at a time.
-fn exempt(
-    priority: &mut Option<u32>,
-    starved: &mut Vec<u32>,
-    id: u32,
+/// The session-wide receive budget (docs/PROTOCOL.md §6): bytes held for the application
+/// over all streams, and which stream's partial message may grow beyond its window.
+#[derive(Debug)]
+struct Budget {
+    /// Queued messages and bytes, and partially received messages, over all streams.
     held: usize,
-    budget: usize,
-) -> bool {
-    if held <= budget {
-        return true;
-    }
-    match *priority {
-        Some(p) if p == id => true,
-        Some(_) => {
-            if !starved.contains(&id) {
-                starved.push(id);
-            }
-            false
+    /// `max_session_buffer`.
+    max: usize,
+    /// The one stream whose partial message keeps growing beyond its window while `held`
+    /// exceeds `max`, until the application took that message (so one can always complete).
+    priority: Option<u32>,
+    /// Streams denied that growth; reconsidered when it is allowed again.
+    starved: Vec<u32>,
+}
+
+impl Budget {
+    /// Whether stream `id`'s partial head message may grow beyond the window, given
+    /// `extra` bytes about to be added.
+    fn exempt(&mut self, id: u32, s: &Stream, extra: usize) -> bool {
+        if self.priority == Some(id) && s.msgs.is_empty() && s.partial.is_none() {
+            // Its message beyond the budget was taken: another stream may go next.
+            self.priority = None;
         }
-        None => {
-            *priority = Some(id);
-            true
+        if s.partial.is_none() {
+            return false;
+        }
+        if self.held + extra <= self.max {
+            return true;
+        }
+        match self.priority {
+            Some(p) if p == id => true,
+            Some(_) => {
+                if !self.starved.contains(&id) {
+                    self.starved.push(id);
+                }
+                false
+            }
+            None => {
+                self.priority = Some(id);
+                true
+            }
+        }
+    }
+
+    /// Starved streams to reconsider now, if any may grow again.
+    fn take_starved(&mut self) -> Vec<u32> {
+        if self.starved.is_empty() || (self.held > self.max && self.priority.is_some()) {
+            return Vec::new();
+        }
+        std::mem::take(&mut self.starved)
+    }
+
+    fn forget(&mut self, id: u32) {
+        if self.priority == Some(id) {
+            self.priority = None;
         }
     }
 }
