@@ -1,0 +1,354 @@
+//! The workloads on libchan, through the same public API a user calls.
+
+use std::time::Instant;
+
+use libchan::{channel, pipe, ByteStream, Fd, Sender, Session};
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::{emit, peak_rss_mb, percentile, Counts, Res};
+
+const SYSTEM: &str = "libchan";
+
+/// `{seq: u64, payload: bytes}`.
+#[derive(Serialize, Deserialize, Clone)]
+struct Msg {
+    seq: u64,
+    #[serde(with = "bytes")]
+    payload: Vec<u8>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Req {
+    seq: u64,
+    #[serde(with = "bytes")]
+    payload: Vec<u8>,
+    reply: Sender<u64>,
+}
+
+#[derive(Serialize, Deserialize)]
+enum Attached {
+    Fd(Fd),
+    Stream(ByteStream),
+}
+
+mod bytes {
+    use serde::{Deserializer, Serializer};
+
+    pub(crate) fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(v)
+    }
+
+    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = Vec<u8>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("bytes")
+            }
+            fn visit_bytes<E>(self, v: &[u8]) -> Result<Vec<u8>, E> {
+                Ok(v.to_vec())
+            }
+            fn visit_byte_buf<E>(self, v: Vec<u8>) -> Result<Vec<u8>, E> {
+                Ok(v)
+            }
+        }
+        d.deserialize_byte_buf(V)
+    }
+}
+
+fn msg(seq: u64, len: usize) -> Msg {
+    Msg {
+        seq,
+        payload: vec![7; len],
+    }
+}
+
+async fn pair(transport: &str) -> Res<(Session, Session)> {
+    let config = libchan::config();
+    Ok(match transport {
+        "inmem" => Session::mem_pair(),
+        "unix" => libchan::unix::pair(&config).await?,
+        _ => {
+            let l = libchan::tcp::TcpListener::bind("127.0.0.1:0", config.clone()).await?;
+            let addr = l.local_addr()?;
+            let (a, b) = tokio::join!(libchan::tcp::connect(addr, &config), l.accept());
+            (a?, b?)
+        }
+    })
+}
+
+async fn open<T: libchan::Message>(
+    a: &Session,
+    b: &Session,
+) -> Res<(Sender<T>, libchan::Receiver<T>)> {
+    let tx = a.open::<T>().await?;
+    let rx = b.accept::<T>().await?.ok_or("no channel")?;
+    Ok((tx, rx))
+}
+
+/// Runs one workload on one transport.
+pub(crate) async fn run(t: &str, w: &str, c: Counts) -> Res<()> {
+    let (a, b) = pair(t).await?;
+    match w {
+        "pingpong" => pingpong(t, &a, &b, c).await,
+        "stream" => stream(t, &a, &b, c).await,
+        "bulk" => bulk(t, &a, &b, c).await,
+        "rpc" => rpc(t, &a, &b, c).await,
+        "bytestream" => bytestream(t, &a, &b, c).await,
+        "channels" => channels(t, a, b, c).await,
+        _ => Err(format!("unknown workload {w}").into()),
+    }
+}
+
+async fn pingpong(t: &str, a: &Session, b: &Session, c: Counts) -> Res<()> {
+    let (tx, mut rx) = open::<Msg>(a, b).await?;
+    let (back, mut back_rx) = open::<Msg>(b, a).await?;
+    tokio::spawn(async move {
+        while let Ok(Some(m)) = rx.recv().await {
+            if back.send(m).await.is_err() {
+                break;
+            }
+        }
+    });
+    let mut rtts = Vec::with_capacity(c.pingpong);
+    let start = Instant::now();
+    let mut measured_start = start;
+    for i in 0..(c.warmup + c.pingpong) {
+        if i == c.warmup {
+            measured_start = Instant::now();
+        }
+        let t0 = Instant::now();
+        tx.send(msg(i as u64, 64)).await.map_err(|e| e.error)?;
+        back_rx.recv().await?.ok_or("echo ended")?;
+        if i >= c.warmup {
+            rtts.push(t0.elapsed().as_secs_f64() * 1e6);
+        }
+    }
+    let total = measured_start.elapsed().as_secs_f64();
+    rtts.sort_by(f64::total_cmp);
+    emit(SYSTEM, t, "pingpong", "rtt_p50_us", percentile(&rtts, 0.5));
+    emit(SYSTEM, t, "pingpong", "rtt_p99_us", percentile(&rtts, 0.99));
+    emit(
+        SYSTEM,
+        t,
+        "pingpong",
+        "rtt_per_s",
+        c.pingpong as f64 / total,
+    );
+    Ok(())
+}
+
+async fn stream(t: &str, a: &Session, b: &Session, c: Counts) -> Res<()> {
+    let (tx, mut rx) = open::<Msg>(a, b).await?;
+    let n = c.stream;
+    let start = Instant::now();
+    let producer = tokio::spawn(async move {
+        for seq in 0..n {
+            if tx.send(msg(seq, 64)).await.is_err() {
+                break;
+            }
+        }
+    });
+    for i in 0..n {
+        let m = rx.recv().await?.ok_or("early end")?;
+        if m.seq != i {
+            return Err(format!("out of order: {} after {}", m.seq, i).into());
+        }
+    }
+    producer.await?;
+    let s = start.elapsed().as_secs_f64();
+    emit(SYSTEM, t, "stream", "msgs_per_s", n as f64 / s);
+    emit(
+        SYSTEM,
+        t,
+        "stream",
+        "mb_per_s",
+        (n * 64) as f64 / (1 << 20) as f64 / s,
+    );
+    Ok(())
+}
+
+async fn bulk(t: &str, a: &Session, b: &Session, c: Counts) -> Res<()> {
+    let (tx, mut rx) = open::<Msg>(a, b).await?;
+    let n = c.bulk;
+    let start = Instant::now();
+    let producer = tokio::spawn(async move {
+        for seq in 0..n {
+            if tx.send(msg(seq, 1 << 20)).await.is_err() {
+                break;
+            }
+        }
+    });
+    for _ in 0..n {
+        let m = rx.recv().await?.ok_or("early end")?;
+        if m.payload.len() != 1 << 20 {
+            return Err("short payload".into());
+        }
+    }
+    producer.await?;
+    emit(
+        SYSTEM,
+        t,
+        "bulk",
+        "mb_per_s",
+        n as f64 / start.elapsed().as_secs_f64(),
+    );
+    Ok(())
+}
+
+async fn rpc(t: &str, a: &Session, b: &Session, c: Counts) -> Res<()> {
+    let (tx, mut rx) = open::<Req>(a, b).await?;
+    tokio::spawn(async move {
+        while let Ok(Some(r)) = rx.recv().await {
+            let _ = r.reply.send(r.seq).await;
+        }
+    });
+    for callers in [1u64, 64] {
+        let n = c.rpc;
+        let start = Instant::now();
+        let mut tasks = Vec::new();
+        for k in 0..callers {
+            let tx = tx.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut lat = Vec::new();
+                for i in 0..n / callers {
+                    let t0 = Instant::now();
+                    let (reply, mut answer) = channel(1);
+                    let seq = k * n + i;
+                    let req = Req {
+                        seq,
+                        payload: vec![7; 64],
+                        reply,
+                    };
+                    tx.send(req).await.map_err(|e| e.error.to_string())?;
+                    if answer.recv().await.map_err(|e| e.to_string())? != Some(seq) {
+                        return Err("wrong answer".to_owned());
+                    }
+                    lat.push(t0.elapsed().as_secs_f64() * 1e6);
+                }
+                Ok(lat)
+            }));
+        }
+        let mut lat = Vec::new();
+        for task in tasks {
+            lat.extend(task.await??);
+        }
+        let s = start.elapsed().as_secs_f64();
+        if callers == 1 {
+            emit(SYSTEM, t, "rpc", "req_per_s_1", n as f64 / s);
+            lat.sort_by(f64::total_cmp);
+            emit(SYSTEM, t, "rpc", "rpc_p50_us", percentile(&lat, 0.5));
+        } else {
+            emit(SYSTEM, t, "rpc", "req_per_s_64", n as f64 / s);
+        }
+    }
+    Ok(())
+}
+
+async fn bytestream(t: &str, a: &Session, b: &Session, c: Counts) -> Res<()> {
+    let (tx, mut rx) = open::<Attached>(a, b).await?;
+    let total = c.bytestream;
+    let start = Instant::now();
+    // Unix: a socketpair end passed as a real descriptor; elsewhere a libchan byte stream.
+    let mut writer: Box<dyn tokio::io::AsyncWrite + Send + Unpin> = if t == "unix" {
+        let (x, y) = std::os::unix::net::UnixStream::pair()?;
+        tx.send(Attached::Fd(Fd::new(y)))
+            .await
+            .map_err(|e| e.error)?;
+        x.set_nonblocking(true)?;
+        Box::new(tokio::net::UnixStream::from_std(x)?)
+    } else {
+        let (mine, theirs) = pipe();
+        tx.send(Attached::Stream(theirs))
+            .await
+            .map_err(|e| e.error)?;
+        Box::new(mine)
+    };
+    let reader = tokio::spawn(async move {
+        let got = rx.recv().await?.ok_or("no attachment")?;
+        let mut r: Box<dyn tokio::io::AsyncRead + Send + Unpin> = match got {
+            Attached::Fd(fd) => match fd.into_owned_fd() {
+                Ok(fd) => {
+                    let s = std::os::unix::net::UnixStream::from(fd);
+                    s.set_nonblocking(true)?;
+                    Box::new(tokio::net::UnixStream::from_std(s)?)
+                }
+                Err(fd) => Box::new(fd.into_stream().map_err(|_| "neither fd nor stream")?),
+            },
+            Attached::Stream(s) => Box::new(s),
+        };
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut n = 0u64;
+        loop {
+            let k = r.read(&mut buf).await?;
+            if k == 0 {
+                break;
+            }
+            n += k as u64;
+        }
+        Ok::<u64, Box<dyn std::error::Error + Send + Sync>>(n)
+    });
+    let chunk = vec![7u8; 64 * 1024];
+    let mut sent = 0u64;
+    while sent < total {
+        writer.write_all(&chunk).await?;
+        sent += chunk.len() as u64;
+    }
+    writer.shutdown().await?;
+    drop(writer);
+    let got = reader.await??;
+    if got != sent {
+        return Err(format!("read {got} of {sent} bytes").into());
+    }
+    emit(
+        SYSTEM,
+        t,
+        "bytestream",
+        "mb_per_s",
+        sent as f64 / (1 << 20) as f64 / start.elapsed().as_secs_f64(),
+    );
+    Ok(())
+}
+
+async fn channels(t: &str, a: Session, b: Session, c: Counts) -> Res<()> {
+    let k = c.channels;
+    let start = Instant::now();
+    let receiver = tokio::spawn(async move {
+        let mut readers = Vec::new();
+        for _ in 0..k {
+            let Some(mut rx) = b.accept::<Msg>().await? else {
+                break;
+            };
+            readers.push(tokio::spawn(async move {
+                let mut n = 0u64;
+                while let Ok(Some(_)) = rx.recv().await {
+                    n += 1;
+                }
+                n
+            }));
+        }
+        let mut total = 0;
+        for r in readers {
+            total += r.await?;
+        }
+        Ok::<u64, Box<dyn std::error::Error + Send + Sync>>(total)
+    });
+    let mut txs = Vec::with_capacity(k as usize);
+    for _ in 0..k {
+        txs.push(a.open::<Msg>().await?);
+    }
+    for tx in &txs {
+        for seq in 0..10 {
+            tx.send(msg(seq, 64)).await.map_err(|e| e.error)?;
+        }
+    }
+    drop(txs);
+    let total = receiver.await??;
+    if total != u64::from(k) * 10 {
+        return Err(format!("received {total} of {} messages", u64::from(k) * 10).into());
+    }
+    emit(SYSTEM, t, "channels", "secs", start.elapsed().as_secs_f64());
+    emit(SYSTEM, t, "channels", "peak_rss_mb", peak_rss_mb());
+    Ok(())
+}
