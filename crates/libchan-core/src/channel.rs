@@ -727,7 +727,7 @@ impl<'de, T: Message> Deserialize<'de> for Sender<T> {
                 .map_err(|e| e.message().to_owned())?;
             Ok(Sender::remote(ctx.session.clone(), r.id))
         })
-        .expect("decode context present")
+        .unwrap_or_else(|| Err("libchan decode context missing".to_owned()))
         .map_err(D::Error::custom)
     }
 }
@@ -824,7 +824,7 @@ impl<'de, T: Message> Deserialize<'de> for Receiver<T> {
                 }))),
             })
         })
-        .expect("decode context present")
+        .unwrap_or_else(|| Err("libchan decode context missing".to_owned()))
         .map_err(D::Error::custom)
     }
 }

@@ -211,7 +211,7 @@ fn decode_ref<'de, D: Deserializer<'de>, R>(
     let mut erased = <dyn erased_serde::Deserializer>::erase(d);
     let index = codec.read_ref(&mut erased).map_err(D::Error::custom)?;
     with_decode(|ctx| f(ctx, index))
-        .expect("decode context present")
+        .unwrap_or_else(|| Err("libchan decode context missing".to_owned()))
         .map_err(D::Error::custom)
 }
 
