@@ -62,3 +62,8 @@ pub use libchan_unix as unix;
 pub fn config() -> Config {
     Config::new(libchan_codec_cbor::Cbor)
 }
+
+/// The README's example, compiled and run as a doctest so it cannot rot.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
