@@ -6,7 +6,7 @@ use libchan::{channel, pipe, ByteStream, Fd, Sender, Session};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::{emit, peak_rss_mb, percentile, Counts, Res};
+use crate::{emit, peak_rss_mb, report_pingpong, report_rpc, Counts, Res};
 
 const SYSTEM: &str = "libchan";
 
@@ -14,14 +14,14 @@ const SYSTEM: &str = "libchan";
 #[derive(Serialize, Deserialize, Clone)]
 struct Msg {
     seq: u64,
-    #[serde(with = "bytes")]
+    #[serde(with = "serde_bytes")]
     payload: Vec<u8>,
 }
 
 #[derive(Serialize, Deserialize)]
 struct Req {
     seq: u64,
-    #[serde(with = "bytes")]
+    #[serde(with = "serde_bytes")]
     payload: Vec<u8>,
     reply: Sender<u64>,
 }
@@ -30,31 +30,6 @@ struct Req {
 enum Attached {
     Fd(Fd),
     Stream(ByteStream),
-}
-
-mod bytes {
-    use serde::{Deserializer, Serializer};
-
-    pub(crate) fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_bytes(v)
-    }
-
-    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
-        struct V;
-        impl serde::de::Visitor<'_> for V {
-            type Value = Vec<u8>;
-            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str("bytes")
-            }
-            fn visit_bytes<E>(self, v: &[u8]) -> Result<Vec<u8>, E> {
-                Ok(v.to_vec())
-            }
-            fn visit_byte_buf<E>(self, v: Vec<u8>) -> Result<Vec<u8>, E> {
-                Ok(v)
-            }
-        }
-        d.deserialize_byte_buf(V)
-    }
 }
 
 fn msg(seq: u64, len: usize) -> Msg {
@@ -125,17 +100,7 @@ async fn pingpong(t: &str, a: &Session, b: &Session, c: Counts) -> Res<()> {
             rtts.push(t0.elapsed().as_secs_f64() * 1e6);
         }
     }
-    let total = measured_start.elapsed().as_secs_f64();
-    rtts.sort_by(f64::total_cmp);
-    emit(SYSTEM, t, "pingpong", "rtt_p50_us", percentile(&rtts, 0.5));
-    emit(SYSTEM, t, "pingpong", "rtt_p99_us", percentile(&rtts, 0.99));
-    emit(
-        SYSTEM,
-        t,
-        "pingpong",
-        "rtt_per_s",
-        c.pingpong as f64 / total,
-    );
+    report_pingpong(SYSTEM, t, rtts, measured_start.elapsed().as_secs_f64());
     Ok(())
 }
 
@@ -234,14 +199,7 @@ async fn rpc(t: &str, a: &Session, b: &Session, c: Counts) -> Res<()> {
         for task in tasks {
             lat.extend(task.await??);
         }
-        let s = start.elapsed().as_secs_f64();
-        if callers == 1 {
-            emit(SYSTEM, t, "rpc", "req_per_s_1", n as f64 / s);
-            lat.sort_by(f64::total_cmp);
-            emit(SYSTEM, t, "rpc", "rpc_p50_us", percentile(&lat, 0.5));
-        } else {
-            emit(SYSTEM, t, "rpc", "req_per_s_64", n as f64 / s);
-        }
+        report_rpc(SYSTEM, t, callers, n, start.elapsed().as_secs_f64(), lat);
     }
     Ok(())
 }

@@ -72,6 +72,34 @@ fn round(v: f64) -> f64 {
     (v * 1000.0).round() / 1000.0
 }
 
+/// Emits the pingpong metrics from round-trip times (µs) measured over `secs`.
+pub(crate) fn report_pingpong(system: &str, t: &str, mut rtts: Vec<f64>, secs: f64) {
+    let n = rtts.len();
+    rtts.sort_by(f64::total_cmp);
+    emit(system, t, "pingpong", "rtt_p50_us", percentile(&rtts, 0.5));
+    emit(system, t, "pingpong", "rtt_p99_us", percentile(&rtts, 0.99));
+    emit(system, t, "pingpong", "rtt_per_s", n as f64 / secs);
+}
+
+/// Emits the rpc metrics of one round with `callers` callers: `n` requests in `secs`,
+/// with the latencies (µs) of every request.
+pub(crate) fn report_rpc(
+    system: &str,
+    t: &str,
+    callers: u64,
+    n: u64,
+    secs: f64,
+    mut lat: Vec<f64>,
+) {
+    if callers == 1 {
+        emit(system, t, "rpc", "req_per_s_1", n as f64 / secs);
+        lat.sort_by(f64::total_cmp);
+        emit(system, t, "rpc", "rpc_p50_us", percentile(&lat, 0.5));
+    } else {
+        emit(system, t, "rpc", "req_per_s_64", n as f64 / secs);
+    }
+}
+
 /// Percentile of sorted samples.
 pub(crate) fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {

@@ -9,7 +9,7 @@ use std::time::Instant;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::{emit, peak_rss_mb, percentile, Counts, Res};
+use crate::{emit, peak_rss_mb, report_pingpong, report_rpc, Counts, Res};
 
 const SYSTEM: &str = "raw";
 const BUF: usize = 64 * 1024;
@@ -120,17 +120,7 @@ async fn pingpong(t: &str, c: Counts) -> Res<()> {
             rtts.push(t0.elapsed().as_secs_f64() * 1e6);
         }
     }
-    let total = measured.elapsed().as_secs_f64();
-    rtts.sort_by(f64::total_cmp);
-    emit(SYSTEM, t, "pingpong", "rtt_p50_us", percentile(&rtts, 0.5));
-    emit(SYSTEM, t, "pingpong", "rtt_p99_us", percentile(&rtts, 0.99));
-    emit(
-        SYSTEM,
-        t,
-        "pingpong",
-        "rtt_per_s",
-        c.pingpong as f64 / total,
-    );
+    report_pingpong(SYSTEM, t, rtts, measured.elapsed().as_secs_f64());
     Ok(())
 }
 
@@ -244,14 +234,7 @@ async fn rpc(t: &str, c: Counts) -> Res<()> {
         for task in tasks {
             lat.extend(task.await??);
         }
-        let s = start.elapsed().as_secs_f64();
-        if callers == 1 {
-            emit(SYSTEM, t, "rpc", "req_per_s_1", n as f64 / s);
-            lat.sort_by(f64::total_cmp);
-            emit(SYSTEM, t, "rpc", "rpc_p50_us", percentile(&lat, 0.5));
-        } else {
-            emit(SYSTEM, t, "rpc", "req_per_s_64", n as f64 / s);
-        }
+        report_rpc(SYSTEM, t, callers, n, start.elapsed().as_secs_f64(), lat);
     }
     Ok(())
 }
@@ -351,17 +334,7 @@ async fn inmem(w: &str, c: Counts) -> Res<()> {
                     rtts.push(t0.elapsed().as_secs_f64() * 1e6);
                 }
             }
-            let total = measured.elapsed().as_secs_f64();
-            rtts.sort_by(f64::total_cmp);
-            emit(SYSTEM, t, "pingpong", "rtt_p50_us", percentile(&rtts, 0.5));
-            emit(SYSTEM, t, "pingpong", "rtt_p99_us", percentile(&rtts, 0.99));
-            emit(
-                SYSTEM,
-                t,
-                "pingpong",
-                "rtt_per_s",
-                c.pingpong as f64 / total,
-            );
+            report_pingpong(SYSTEM, t, rtts, measured.elapsed().as_secs_f64());
         }
         "stream" | "bulk" => {
             let (n, size) = if w == "stream" {

@@ -13,50 +13,8 @@ use crate::{within, Caps, PairFn};
 #[derive(Serialize, Deserialize, Debug, PartialEq, Clone)]
 struct Msg {
     seq: u64,
-    #[serde(with = "bytes_serde")]
+    #[serde(with = "serde_bytes")]
     payload: Vec<u8>,
-}
-
-mod bytes_serde {
-    use serde::{Deserializer, Serializer};
-
-    pub(crate) fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_bytes(v)
-    }
-
-    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
-        serde_bytes_compat::deserialize(d)
-    }
-
-    mod serde_bytes_compat {
-        use serde::de::{Deserializer, Error, SeqAccess, Visitor};
-        use std::fmt;
-
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = Vec<u8>;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("bytes")
-            }
-            fn visit_bytes<E: Error>(self, v: &[u8]) -> Result<Vec<u8>, E> {
-                Ok(v.to_vec())
-            }
-            fn visit_byte_buf<E: Error>(self, v: Vec<u8>) -> Result<Vec<u8>, E> {
-                Ok(v)
-            }
-            fn visit_seq<A: SeqAccess<'de>>(self, mut a: A) -> Result<Vec<u8>, A::Error> {
-                let mut out = Vec::new();
-                while let Some(b) = a.next_element::<u8>()? {
-                    out.push(b);
-                }
-                Ok(out)
-            }
-        }
-
-        pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
-            d.deserialize_byte_buf(V)
-        }
-    }
 }
 
 fn msg(seq: u64, len: usize) -> Msg {
