@@ -91,3 +91,40 @@ fn invalid_limits_are_rejected_with_the_value() {
     let e = bad.validate().expect_err("too small");
     assert!(e.contains("initial_window 10"), "{e}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_messages_with_descriptors_in_one_burst_all_arrive() {
+    let (a, b) = pair_with(Limits::default(), Limits::default()).await;
+    let tx = a
+        .open::<(u32, Vec<libchan::Fd>, Vec<u8>)>()
+        .await
+        .expect("open");
+    let mut rx = within("accept", b.accept::<(u32, Vec<libchan::Fd>, Vec<u8>)>())
+        .await
+        .expect("accept")
+        .expect("channel");
+    // 100 messages of 3 descriptors each, queued before anything is read: the writer
+    // batches them, and the receiver must never see more unclaimed descriptors than its
+    // limit allows.
+    let sender = tokio::spawn(async move {
+        for i in 0..100u32 {
+            let fds = (0..3)
+                .map(|_| libchan::Fd::new(std::fs::File::open("/dev/null").expect("open")))
+                .collect();
+            tx.send((i, fds, vec![1; 8192]))
+                .await
+                .map_err(|e| e.error)
+                .expect("send");
+        }
+    });
+    for i in 0..100u32 {
+        let (n, fds, _) = within("recv", rx.recv())
+            .await
+            .expect("recv")
+            .expect("message");
+        assert_eq!(n, i);
+        assert_eq!(fds.len(), 3);
+        assert!(fds.iter().all(|f| f.is_descriptor()));
+    }
+    within("sender", sender).await.expect("sender");
+}

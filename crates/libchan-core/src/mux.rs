@@ -981,7 +981,10 @@ impl Mux {
         let max_frame = peer.max_frame_size as usize;
         let peer_max_frame = peer.max_frame_size;
         let threshold = peer.initial_window as usize;
-        let fd_cap = 253usize;
+        // One write carries at most the peer's max_fds_per_message descriptors, so that
+        // what it holds unclaimed (this write's, plus the previous one's whose headers it
+        // has not parsed yet) stays within twice that (PROTOCOL.md §8).
+        let fd_cap = usize::from(peer.max_fds_per_message).max(1);
         while out.len() < max {
             let Some(id) = self.ready.pop_front() else {
                 break;
