@@ -215,6 +215,9 @@ pub struct Mux {
     ping_outstanding: bool,
     /// What the session holds for the application, and who may grow beyond a window.
     budget: Budget,
+    /// Streams the peer opened for a message on a channel (the key) and that no decoded
+    /// message claimed yet. Released when that channel is over: nothing can claim them.
+    orphans: HashMap<u32, Vec<u32>>,
 }
 
 impl std::fmt::Debug for Mux {
@@ -279,6 +282,7 @@ impl Mux {
                 priority: None,
                 starved: Vec::new(),
             },
+            orphans: HashMap::new(),
         }
     }
 
@@ -436,7 +440,35 @@ impl Mux {
         }
         s.claimed = true;
         s.handle = true;
+        self.forget_orphan(parent, id);
         Ok(())
+    }
+
+    fn forget_orphan(&mut self, parent: u32, id: u32) {
+        if let Some(v) = self.orphans.get_mut(&parent) {
+            v.retain(|c| *c != id);
+            if v.is_empty() {
+                self.orphans.remove(&parent);
+            }
+        }
+    }
+
+    /// Channel `parent` is over: the streams opened for its messages that none claimed
+    /// never will be.
+    fn release_orphans(&mut self, parent: u32) {
+        let Some(children) = self.orphans.remove(&parent) else {
+            return;
+        };
+        for c in children {
+            let unclaimed = self.streams.get(&c).is_some_and(|s| !s.claimed);
+            if unclaimed {
+                if let Some(s) = self.streams.get_mut(&c) {
+                    s.claimed = true;
+                    s.handle = true;
+                }
+                self.release(c);
+            }
+        }
     }
 
     /// Waits until stream `id` can take another message (its unsent bytes are below the
@@ -662,6 +694,12 @@ impl Mux {
     /// The local handle of `id` is gone. Unsent data is still sent; an open receive half is
     /// reset so the peer stops sending.
     pub fn release(&mut self, id: u32) {
+        if let Some(parent) = self.streams.get(&id).map(|s| s.parent) {
+            if parent != 0 {
+                self.forget_orphan(parent, id);
+            }
+        }
+        self.release_orphans(id);
         let before = self.held_by(id);
         self.budget.held = self.budget.held.saturating_sub(before);
         self.budget.forget(id);
@@ -781,13 +819,13 @@ impl Mux {
             s.rx_waker = Some(cx.waker().clone());
             return Poll::Pending;
         }
-        match s.rx.clone() {
+        let r = match s.rx.clone() {
             RxState::Open => {
                 if let Some(e) = lost {
                     return Poll::Ready(Err(e));
                 }
                 s.rx_waker = Some(cx.waker().clone());
-                Poll::Pending
+                return Poll::Pending;
             }
             RxState::Fin => Poll::Ready(Ok(None)),
             RxState::Error(m) => {
@@ -795,7 +833,10 @@ impl Mux {
                 Poll::Ready(Err(Error::new(ErrorKind::Remote, m)))
             }
             RxState::Failed(e) => Poll::Ready(Err(e)),
-        }
+        };
+        // Drained and ended: no message on it can claim a stream any more.
+        self.release_orphans(id);
+        r
     }
 
     /// Reads bytes of byte stream `id` into `out`: `Ok(0)` at the end.
@@ -1405,6 +1446,9 @@ impl Mux {
         let s = Stream::new(kind, false, parent, credit, self.local.initial_window);
         self.streams.insert(id, s);
         self.peer_open += 1;
+        if parent != 0 {
+            self.orphans.entry(parent).or_default().push(id);
+        }
         if parent == 0 {
             self.accept_q.push_back(id);
             let w = self.accept_waker.take();

@@ -678,3 +678,41 @@ fn session_buffer_bounds_partial_messages_and_one_still_completes() {
     assert!(done.iter().all(|d| *d), "no deadlock: {done:?}");
     assert_eq!(p.b.held(), 0);
 }
+
+#[test]
+fn streams_opened_for_messages_that_never_came_are_released_when_the_channel_ends() {
+    let mut b = scripted();
+    let mut input = open(1, StreamKind::OpenerSends, 0);
+    // Two nested streams announced for channel 1; only one message, referencing one.
+    input.extend_from_slice(&open(3, StreamKind::OpenerReceives, 1));
+    input.extend_from_slice(&open(5, StreamKind::OpenerReceives, 1));
+    input.extend_from_slice(&data(1, false, &msg_bytes(&[0xf6], &[(1, 3)], 0)));
+    input.extend_from_slice(&data(1, true, &[]));
+    b.handle_input(&mut input, &mut Vec::new()).expect("input");
+    let id = accept(&mut b);
+    let Poll::Ready(Ok(Some(m))) = recv(&mut b, id) else {
+        panic!("message")
+    };
+    b.claim(id, 3, StreamKind::OpenerReceives).expect("claim 3");
+    b.release_refs(&m.refs);
+    assert!(matches!(recv(&mut b, id), Poll::Ready(Ok(None))));
+    // Stream 5 can never be claimed now: it is released (we would have sent on it, so
+    // the peer sees its end) and gone; 3 stays (claimed).
+    let frames = sent_frames(&mut b);
+    assert!(
+        frames.iter().any(|f| matches!(
+            f,
+            Frame::Data {
+                stream: 5,
+                fin: true,
+                ..
+            }
+        )),
+        "{frames:?}"
+    );
+    assert!(b.claim(id, 5, StreamKind::OpenerReceives).is_err());
+    b.release(id);
+    b.release(3);
+    sent_frames(&mut b); // 3's FIN goes out
+    assert_eq!(b.stats().streams, 0, "{:?}", b.stats());
+}
