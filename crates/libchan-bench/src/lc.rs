@@ -4,9 +4,8 @@ use std::time::Instant;
 
 use libchan::{channel, pipe, ByteStream, Fd, Sender, Session};
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::{emit, peak_rss_mb, report_pingpong, report_rpc, Counts, Res};
+use crate::{count_to_end, emit, peak_rss_mb, report_pingpong, report_rpc, transfer, Counts, Res};
 
 const SYSTEM: &str = "libchan";
 
@@ -209,7 +208,7 @@ async fn bytestream(t: &str, a: &Session, b: &Session, c: Counts) -> Res<()> {
     let total = c.bytestream;
     let start = Instant::now();
     // Unix: a socketpair end passed as a real descriptor; elsewhere a libchan byte stream.
-    let mut writer: Box<dyn tokio::io::AsyncWrite + Send + Unpin> = if t == "unix" {
+    let writer: Box<dyn tokio::io::AsyncWrite + Send + Unpin> = if t == "unix" {
         let (x, y) = std::os::unix::net::UnixStream::pair()?;
         tx.send(Attached::Fd(Fd::new(y)))
             .await
@@ -225,7 +224,7 @@ async fn bytestream(t: &str, a: &Session, b: &Session, c: Counts) -> Res<()> {
     };
     let reader = tokio::spawn(async move {
         let got = rx.recv().await?.ok_or("no attachment")?;
-        let mut r: Box<dyn tokio::io::AsyncRead + Send + Unpin> = match got {
+        let r: Box<dyn tokio::io::AsyncRead + Send + Unpin> = match got {
             Attached::Fd(fd) => match fd.into_owned_fd() {
                 Ok(fd) => {
                     let s = std::os::unix::net::UnixStream::from(fd);
@@ -236,37 +235,9 @@ async fn bytestream(t: &str, a: &Session, b: &Session, c: Counts) -> Res<()> {
             },
             Attached::Stream(s) => Box::new(s),
         };
-        let mut buf = vec![0u8; 64 * 1024];
-        let mut n = 0u64;
-        loop {
-            let k = r.read(&mut buf).await?;
-            if k == 0 {
-                break;
-            }
-            n += k as u64;
-        }
-        Ok::<u64, Box<dyn std::error::Error + Send + Sync>>(n)
+        count_to_end(r).await
     });
-    let chunk = vec![7u8; 64 * 1024];
-    let mut sent = 0u64;
-    while sent < total {
-        writer.write_all(&chunk).await?;
-        sent += chunk.len() as u64;
-    }
-    writer.shutdown().await?;
-    drop(writer);
-    let got = reader.await??;
-    if got != sent {
-        return Err(format!("read {got} of {sent} bytes").into());
-    }
-    emit(
-        SYSTEM,
-        t,
-        "bytestream",
-        "mb_per_s",
-        sent as f64 / (1 << 20) as f64 / start.elapsed().as_secs_f64(),
-    );
-    Ok(())
+    transfer(SYSTEM, t, start, writer, reader, total).await
 }
 
 async fn channels(t: &str, a: Session, b: Session, c: Counts) -> Res<()> {

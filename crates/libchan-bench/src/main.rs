@@ -100,6 +100,54 @@ pub(crate) fn report_rpc(
     }
 }
 
+/// The bytestream workload's transfer: writes `total` bytes in 64 KiB writes into `w`,
+/// shuts it down, waits for `reader` (which counts what arrived) and emits the rate since
+/// `start`.
+pub(crate) async fn transfer(
+    system: &str,
+    t: &str,
+    start: std::time::Instant,
+    mut w: Box<dyn tokio::io::AsyncWrite + Send + Unpin>,
+    reader: tokio::task::JoinHandle<Res<u64>>,
+    total: u64,
+) -> Res<()> {
+    use tokio::io::AsyncWriteExt;
+    let chunk = vec![7u8; 64 * 1024];
+    let mut sent = 0u64;
+    while sent < total {
+        w.write_all(&chunk).await?;
+        sent += chunk.len() as u64;
+    }
+    w.shutdown().await?;
+    drop(w);
+    let got = reader.await??;
+    if got != sent {
+        return Err(format!("read {got} of {sent} bytes").into());
+    }
+    emit(
+        system,
+        t,
+        "bytestream",
+        "mb_per_s",
+        sent as f64 / (1 << 20) as f64 / start.elapsed().as_secs_f64(),
+    );
+    Ok(())
+}
+
+/// Reads `r` to its end; returns how many bytes came.
+pub(crate) async fn count_to_end(mut r: Box<dyn tokio::io::AsyncRead + Send + Unpin>) -> Res<u64> {
+    use tokio::io::AsyncReadExt;
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut n = 0u64;
+    loop {
+        let k = r.read(&mut buf).await?;
+        if k == 0 {
+            return Ok(n);
+        }
+        n += k as u64;
+    }
+}
+
 /// Percentile of sorted samples.
 pub(crate) fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {

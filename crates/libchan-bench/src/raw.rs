@@ -9,7 +9,7 @@ use std::time::Instant;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::{emit, peak_rss_mb, report_pingpong, report_rpc, Counts, Res};
+use crate::{count_to_end, emit, peak_rss_mb, report_pingpong, report_rpc, transfer, Counts, Res};
 
 const SYSTEM: &str = "raw";
 const BUF: usize = 64 * 1024;
@@ -245,7 +245,7 @@ async fn rpc(t: &str, c: Counts) -> Res<()> {
 async fn bytestream(t: &str, c: Counts) -> Res<()> {
     let total = c.bytestream;
     let start = Instant::now();
-    let (mut w, mut r): (
+    let (w, r): (
         Box<dyn AsyncWrite + Send + Unpin>,
         Box<dyn AsyncRead + Send + Unpin>,
     ) = if t == "unix" {
@@ -261,37 +261,8 @@ async fn bytestream(t: &str, c: Counts) -> Res<()> {
         let (_ar, aw, br, _bw) = sockets(t).await?;
         (Box::new(aw.into_inner()), Box::new(br.into_inner()))
     };
-    let reader = tokio::spawn(async move {
-        let mut buf = vec![0u8; 64 * 1024];
-        let mut n = 0u64;
-        loop {
-            let k = r.read(&mut buf).await?;
-            if k == 0 {
-                return Ok::<u64, Box<dyn std::error::Error + Send + Sync>>(n);
-            }
-            n += k as u64;
-        }
-    });
-    let chunk = vec![7u8; 64 * 1024];
-    let mut sent = 0u64;
-    while sent < total {
-        w.write_all(&chunk).await?;
-        sent += chunk.len() as u64;
-    }
-    w.shutdown().await?;
-    drop(w);
-    let got = reader.await??;
-    if got != sent {
-        return Err(format!("read {got} of {sent}").into());
-    }
-    emit(
-        SYSTEM,
-        t,
-        "bytestream",
-        "mb_per_s",
-        sent as f64 / (1 << 20) as f64 / start.elapsed().as_secs_f64(),
-    );
-    Ok(())
+    let reader = tokio::spawn(count_to_end(r));
+    transfer(SYSTEM, t, start, w, reader, total).await
 }
 
 /// Sends `fd` with a 16-byte header frame over a fresh unix connection and returns the

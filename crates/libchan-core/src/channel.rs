@@ -568,7 +568,12 @@ enum FeedPoll<T> {
 
 /// Polls the feeds of a local channel, starting after the one that delivered last.
 fn poll_feeds<T: Message>(feeds: &Feeds, turn: &mut usize, cx: &mut Context<'_>) -> FeedPoll<T> {
-    *feeds.waker.lock().unwrap_or_else(|e| e.into_inner()) = Some(cx.waker().clone());
+    {
+        let mut w = feeds.waker.lock().unwrap_or_else(|e| e.into_inner());
+        if !w.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            *w = Some(cx.waker().clone());
+        }
+    }
     let mut list = feeds.list.lock().unwrap_or_else(|e| e.into_inner());
     let mut i = 0;
     while i < list.len() {

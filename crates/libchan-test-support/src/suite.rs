@@ -560,6 +560,25 @@ pub async fn many_concurrent_channels_with_nested_refs(pair: Arc<PairFn>, _caps:
     within("server", server).await.expect("server");
 }
 
+/// True once neither session has forwarding tasks or exports left and their stream
+/// tables are no larger than `max_a` and `max_b`.
+fn released<'a>(
+    a: &'a Session,
+    b: &'a Session,
+    max_a: usize,
+    max_b: usize,
+) -> impl FnMut() -> bool + 'a {
+    move || {
+        let (sa, sb) = (a.stats(), b.stats());
+        sa.tasks == 0
+            && sb.tasks == 0
+            && sa.exported == 0
+            && sb.exported == 0
+            && sa.connection.streams <= max_a
+            && sb.connection.streams <= max_b
+    }
+}
+
 /// Thousands of short-lived nested channels leave no tasks or table entries behind.
 pub async fn no_leaks_after_short_lived_nested(pair: Arc<PairFn>, _caps: Caps) {
     let (a, b) = pair().await;
@@ -582,15 +601,10 @@ pub async fn no_leaks_after_short_lived_nested(pair: Arc<PairFn>, _caps: Caps) {
     drop(tx);
     within("server", server).await.expect("server");
     // Everything winds down asynchronously: wait for the counters, bounded.
-    crate::wait_until("stats to settle", || {
-        let (sa, sb) = (a.stats(), b.stats());
-        sa.tasks == 0
-            && sb.tasks == 0
-            && sa.exported == 0
-            && sb.exported == 0
-            && sa.connection.streams <= base_a.connection.streams
-            && sb.connection.streams <= 1
-    })
+    crate::wait_until(
+        "stats to settle",
+        released(&a, &b, base_a.connection.streams, 1),
+    )
     .await;
 }
 
@@ -663,15 +677,10 @@ pub async fn no_leaks_for_every_kind_of_end(pair: Arc<PairFn>, caps: Caps) {
     if !caps.loss {
         return; // In memory there are no tasks, exports or streams to count.
     }
-    crate::wait_until("every end released", || {
-        let (sa, sb) = (a.stats(), b.stats());
-        sa.tasks == 0
-            && sb.tasks == 0
-            && sa.exported == 0
-            && sb.exported == 0
-            && sa.connection.streams <= base_a.connection.streams
-            && sb.connection.streams <= base_b.connection.streams
-    })
+    crate::wait_until(
+        "every end released",
+        released(&a, &b, base_a.connection.streams, base_b.connection.streams),
+    )
     .await;
 }
 
