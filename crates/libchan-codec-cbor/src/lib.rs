@@ -1,6 +1,8 @@
 //! The CBOR codec of libchan (RFC 8949), the default codec.
 //!
-//! Payloads are serde values in CBOR as [ciborium] writes them. A reference to a channel
+//! Payloads are serde values in CBOR: [ciborium] writes them, and a built-in slice
+//! deserializer reads them (borrowing strings and byte strings from the input, bounding
+//! every length by the bytes left and nesting by [`MAX_DEPTH`]). A reference to a channel
 //! end, byte stream or descriptor is the CBOR tag [`REF_TAG`] (`0x4C43484E`, "LCHN")
 //! around an unsigned integer: the index of the reference in the message's reference
 //! table. Encoded, reference 0 is `DA 4C 43 48 4E 00`.
@@ -13,12 +15,10 @@
 //! assert_eq!(out, [0x82, 0x01, 0x61, b'a']);
 //! ```
 
-use std::cell::Cell;
-use std::ptr::NonNull;
+mod de;
 
 use ciborium::tag::Required;
 use libchan_core::{Codec, Error, ErrorKind};
-use serde::de::Error as _;
 use serde::{Deserialize, Deserializer};
 
 /// The CBOR tag that marks a reference.
@@ -52,15 +52,15 @@ impl Codec for Cbor {
             &mut dyn libchan_core::erased_serde::Deserializer<'_>,
         ) -> Result<(), libchan_core::erased_serde::Error>,
     ) -> Result<(), Error> {
-        let mut reader = input;
-        let res = with_visitor(visit, || {
-            ciborium::de::from_reader_with_recursion_limit::<Visit, _>(&mut reader, MAX_DEPTH)
-        });
-        res.map_err(|e| Error::new(ErrorKind::Decode, format!("cbor: {e}")))?;
-        if !reader.is_empty() {
+        let mut de = de::De::new(input);
+        visit(&mut <dyn libchan_core::erased_serde::Deserializer>::erase(
+            &mut de,
+        ))
+        .map_err(|e| Error::new(ErrorKind::Decode, format!("cbor: {e}")))?;
+        if de.remaining() != 0 {
             return Err(Error::new(
                 ErrorKind::Decode,
-                format!("cbor: {} trailing bytes after the value", reader.len()),
+                format!("cbor: {} trailing bytes after the value", de.remaining()),
             ));
         }
         Ok(())
@@ -74,48 +74,28 @@ impl Codec for Cbor {
         &self,
         d: &mut dyn libchan_core::erased_serde::Deserializer<'_>,
     ) -> Result<u32, libchan_core::erased_serde::Error> {
-        let Required::<u32, REF_TAG>(i) = libchan_core::erased_serde::deserialize(d)?;
-        Ok(i)
+        RefIndex::deserialize(d).map(|r| r.0)
     }
 }
 
-type VisitFn<'a> = dyn FnMut(
-        &mut dyn libchan_core::erased_serde::Deserializer<'_>,
-    ) -> Result<(), libchan_core::erased_serde::Error>
-    + 'a;
+/// A reference index, read through the deserializer's reference hook.
+struct RefIndex(u32);
 
-thread_local! {
-    static VISITOR: Cell<Option<NonNull<VisitFn<'static>>>> = const { Cell::new(None) };
-}
-
-/// Makes `visit` reachable from [`Visit::deserialize`] while `f` runs: ciborium only
-/// deserializes `DeserializeOwned` types, so the visitor travels through a thread-local.
-fn with_visitor<R>(visit: &mut VisitFn<'_>, f: impl FnOnce() -> R) -> R {
-    // SAFETY: only the lifetime is erased; the pointer is removed from the thread-local
-    // before this function returns, so it never outlives `visit`.
-    let ptr: NonNull<VisitFn<'static>> = unsafe {
-        std::mem::transmute::<NonNull<VisitFn<'_>>, NonNull<VisitFn<'static>>>(NonNull::from(visit))
-    };
-    let prev = VISITOR.with(|c| c.replace(Some(ptr)));
-    let r = f();
-    VISITOR.with(|c| c.set(prev));
-    r
-}
-
-struct Visit;
-
-impl<'de> Deserialize<'de> for Visit {
+impl<'de> Deserialize<'de> for RefIndex {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let Some(mut ptr) = VISITOR.with(|c| c.take()) else {
-            return Err(D::Error::custom("cbor visitor missing"));
-        };
-        let mut erased = <dyn libchan_core::erased_serde::Deserializer>::erase(d);
-        // SAFETY: installed by `with_visitor`, which outlives this call; taken out of the
-        // thread-local so no other reference exists while it runs.
-        let r = unsafe { ptr.as_mut() }(&mut erased);
-        VISITOR.with(|c| c.set(Some(ptr)));
-        r.map_err(D::Error::custom)?;
-        Ok(Visit)
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = RefIndex;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a libchan reference")
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<RefIndex, E> {
+                u32::try_from(v)
+                    .map(RefIndex)
+                    .map_err(|_| E::custom(format!("reference index {v} exceeds u32")))
+            }
+        }
+        d.deserialize_newtype_struct(de::REF_NAME, V)
     }
 }
 

@@ -1,0 +1,531 @@
+//! A serde deserializer over a CBOR byte slice.
+//!
+//! Written for libchan's receive path: it borrows strings and byte strings from the input
+//! (no scratch copies), knows the reference tag natively, and is total — every length is
+//! checked against the bytes that remain before anything is allocated, nesting is bounded
+//! by [`MAX_DEPTH`](crate::MAX_DEPTH), and any malformed input is an error naming the byte
+//! offset.
+
+use std::fmt;
+
+use serde::de::{self, DeserializeSeed, Visitor};
+
+use crate::{MAX_DEPTH, REF_TAG};
+
+/// The newtype-struct name through which [`crate::Cbor::read_ref`] asks for a reference.
+pub(crate) const REF_NAME: &str = "\0libchan-cbor-ref";
+
+const TAG_BIGPOS: u64 = 2;
+const TAG_BIGNEG: u64 = 3;
+const BREAK: u8 = 0xFF;
+
+/// A decode error: what went wrong and at which byte offset.
+#[derive(Debug)]
+pub(crate) struct DeError(String);
+
+impl fmt::Display for DeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for DeError {}
+
+impl de::Error for DeError {
+    fn custom<T: fmt::Display>(msg: T) -> Self {
+        DeError(msg.to_string())
+    }
+}
+
+type Result<T> = std::result::Result<T, DeError>;
+
+/// Deserializer state: the whole input, the read position and the current nesting depth.
+pub(crate) struct De<'de> {
+    input: &'de [u8],
+    pos: usize,
+    depth: usize,
+}
+
+/// Length argument of a head: a definite value or "indefinite" (additional info 31).
+#[derive(Clone, Copy)]
+enum Arg {
+    Val(u64),
+    Indefinite,
+}
+
+impl<'de> De<'de> {
+    pub(crate) fn new(input: &'de [u8]) -> Self {
+        De {
+            input,
+            pos: 0,
+            depth: 0,
+        }
+    }
+
+    /// Bytes left after the value, for the trailing-bytes check.
+    pub(crate) fn remaining(&self) -> usize {
+        self.input.len() - self.pos
+    }
+
+    fn err<T>(&self, what: impl fmt::Display) -> Result<T> {
+        Err(DeError(format!("{what} at byte {}", self.pos)))
+    }
+
+    fn peek(&self) -> Result<u8> {
+        match self.input.get(self.pos) {
+            Some(b) => Ok(*b),
+            None => self.err("unexpected end of input"),
+        }
+    }
+
+    fn take(&mut self, n: usize) -> Result<&'de [u8]> {
+        if n > self.remaining() {
+            return self.err(format_args!(
+                "length {n} exceeds the {} bytes left",
+                self.remaining()
+            ));
+        }
+        let s = &self.input[self.pos..self.pos + n];
+        self.pos += n;
+        Ok(s)
+    }
+
+    /// Reads one head: (major type, additional info, argument).
+    fn head(&mut self) -> Result<(u8, u8, Arg)> {
+        let b = self.peek()?;
+        self.pos += 1;
+        let (major, ai) = (b >> 5, b & 0x1F);
+        let arg = match ai {
+            0..=23 => Arg::Val(u64::from(ai)),
+            24 => Arg::Val(u64::from(self.take(1)?[0])),
+            25 => Arg::Val(u64::from(u16::from_be_bytes(
+                self.take(2)?.try_into().expect("2 bytes"),
+            ))),
+            26 => Arg::Val(u64::from(u32::from_be_bytes(
+                self.take(4)?.try_into().expect("4 bytes"),
+            ))),
+            27 => Arg::Val(u64::from_be_bytes(
+                self.take(8)?.try_into().expect("8 bytes"),
+            )),
+            31 if matches!(major, 2..=5 | 7) => Arg::Indefinite,
+            _ => {
+                self.pos -= 1;
+                return self.err(format_args!(
+                    "malformed head 0x{b:02x} (major {major}, additional info {ai})"
+                ));
+            }
+        };
+        Ok((major, ai, arg))
+    }
+
+    /// A definite length that must fit in what is left of the input, `per_item` bytes at
+    /// least per item.
+    fn len(&self, v: u64, per_item: u64) -> Result<usize> {
+        let left = self.remaining() as u64;
+        if v.saturating_mul(per_item) > left {
+            return self.err(format_args!(
+                "length {v} exceeds the {left} bytes left in the payload"
+            ));
+        }
+        Ok(v as usize)
+    }
+
+    fn enter(&mut self) -> Result<()> {
+        self.depth += 1;
+        if self.depth > MAX_DEPTH {
+            return self.err(format_args!(
+                "nesting depth exceeds the limit MAX_DEPTH = {MAX_DEPTH}"
+            ));
+        }
+        Ok(())
+    }
+
+    fn leave(&mut self) {
+        self.depth -= 1;
+    }
+
+    /// The chunks of an indefinite-length byte or text string, concatenated.
+    fn chunks(&mut self, major: u8) -> Result<Vec<u8>> {
+        let mut out = Vec::new();
+        loop {
+            if self.peek()? == BREAK {
+                self.pos += 1;
+                return Ok(out);
+            }
+            match self.head()? {
+                (m, _, Arg::Val(n)) if m == major => {
+                    let n = self.len(n, 1)?;
+                    out.extend_from_slice(self.take(n)?);
+                }
+                _ => return self.err("bad chunk in an indefinite-length string"),
+            }
+        }
+    }
+
+    /// A big-endian magnitude of at most 16 bytes (tags 2 and 3).
+    fn bignum(&mut self) -> Result<u128> {
+        match self.head()? {
+            (2, _, Arg::Val(n)) if n <= 16 => {
+                let bytes = self.take(n as usize)?;
+                Ok(bytes
+                    .iter()
+                    .fold(0u128, |acc, b| (acc << 8) | u128::from(*b)))
+            }
+            _ => self.err("bignum wider than 128 bits or not a byte string"),
+        }
+    }
+
+    fn float(&self, ai: u8, bits: u64) -> Result<f64> {
+        Ok(match ai {
+            25 => half_to_f64(bits as u16),
+            26 => f64::from(f32::from_bits(bits as u32)),
+            27 => f64::from_bits(bits),
+            _ => return self.err(format_args!("unsupported simple value {bits}")),
+        })
+    }
+}
+
+fn half_to_f64(h: u16) -> f64 {
+    let sign = if h & 0x8000 != 0 { -1.0 } else { 1.0 };
+    let exp = i32::from((h >> 10) & 0x1F);
+    let mant = f64::from(h & 0x3FF);
+    sign * match exp {
+        0 => mant * 2f64.powi(-24),
+        31 if mant == 0.0 => f64::INFINITY,
+        31 => f64::NAN,
+        e => (1.0 + mant / 1024.0) * 2f64.powi(e - 15),
+    }
+}
+
+impl<'de> de::Deserializer<'de> for &mut De<'de> {
+    type Error = DeError;
+
+    fn deserialize_any<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value> {
+        let start = self.pos;
+        let (major, ai, arg) = self.head()?;
+        match (major, arg) {
+            (0, Arg::Val(v)) => visitor.visit_u64(v),
+            (1, Arg::Val(v)) => match i64::try_from(v) {
+                Ok(v) => visitor.visit_i64(-1 - v),
+                Err(_) => visitor.visit_i128(-1 - i128::from(v)),
+            },
+            (2, Arg::Val(n)) => {
+                let n = self.len(n, 1)?;
+                visitor.visit_borrowed_bytes(self.take(n)?)
+            }
+            (2, Arg::Indefinite) => visitor.visit_byte_buf(self.chunks(2)?),
+            (3, Arg::Val(n)) => {
+                let n = self.len(n, 1)?;
+                let s = self.take(n)?;
+                match std::str::from_utf8(s) {
+                    Ok(s) => visitor.visit_borrowed_str(s),
+                    Err(_) => self.err("text string is not UTF-8"),
+                }
+            }
+            (3, Arg::Indefinite) => match String::from_utf8(self.chunks(3)?) {
+                Ok(s) => visitor.visit_string(s),
+                Err(_) => self.err("text string is not UTF-8"),
+            },
+            (4, arg) => {
+                let left = match arg {
+                    Arg::Val(n) => Some(self.len(n, 1)?),
+                    Arg::Indefinite => None,
+                };
+                self.enter()?;
+                let mut access = Seq { de: self, left };
+                let v = visitor.visit_seq(&mut access)?;
+                access.finish()?;
+                self.leave();
+                Ok(v)
+            }
+            (5, arg) => {
+                let left = match arg {
+                    Arg::Val(n) => Some(self.len(n, 2)?),
+                    Arg::Indefinite => None,
+                };
+                self.enter()?;
+                let mut access = Map { de: self, left };
+                let v = visitor.visit_map(&mut access)?;
+                access.finish()?;
+                self.leave();
+                Ok(v)
+            }
+            (6, Arg::Val(tag)) => match tag {
+                TAG_BIGPOS => visitor.visit_u128(self.bignum()?),
+                TAG_BIGNEG => {
+                    let m = self.bignum()?;
+                    match i128::try_from(m) {
+                        Ok(m) => visitor.visit_i128(-1 - m),
+                        Err(_) => self.err("negative bignum below i128::MIN"),
+                    }
+                }
+                REF_TAG => {
+                    self.pos = start;
+                    self.err("a libchan reference where the receiving type expects a plain value")
+                }
+                // Other tags are transparent: the tagged value stands for itself.
+                _ => {
+                    self.enter()?;
+                    let v = self.deserialize_any(visitor)?;
+                    self.leave();
+                    Ok(v)
+                }
+            },
+            (7, arg) => match (ai, arg) {
+                (20, _) => visitor.visit_bool(false),
+                (21, _) => visitor.visit_bool(true),
+                (22 | 23, _) => visitor.visit_none(),
+                (25..=27, Arg::Val(bits)) => visitor.visit_f64(self.float(ai, bits)?),
+                (31, _) => {
+                    self.pos = start;
+                    self.err("unexpected break")
+                }
+                _ => {
+                    self.pos = start;
+                    self.err(format_args!(
+                        "unsupported simple value (additional info {ai})"
+                    ))
+                }
+            },
+            _ => unreachable!("head() rejects indefinite lengths for majors 0, 1 and 6"),
+        }
+    }
+
+    fn deserialize_option<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value> {
+        match self.peek()? {
+            0xF6 | 0xF7 => {
+                self.pos += 1;
+                visitor.visit_none()
+            }
+            _ => visitor.visit_some(self),
+        }
+    }
+
+    fn deserialize_unit<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value> {
+        match self.peek()? {
+            0xF6 | 0xF7 => {
+                self.pos += 1;
+                visitor.visit_unit()
+            }
+            _ => self.err("expected null (unit)"),
+        }
+    }
+
+    fn deserialize_unit_struct<V: Visitor<'de>>(
+        self,
+        _name: &'static str,
+        visitor: V,
+    ) -> Result<V::Value> {
+        self.deserialize_unit(visitor)
+    }
+
+    fn deserialize_newtype_struct<V: Visitor<'de>>(
+        self,
+        name: &'static str,
+        visitor: V,
+    ) -> Result<V::Value> {
+        if name == REF_NAME {
+            let start = self.pos;
+            return match self.head()? {
+                (6, _, Arg::Val(REF_TAG)) => match self.head()? {
+                    (0, _, Arg::Val(i)) => visitor.visit_u64(i),
+                    _ => {
+                        self.pos = start;
+                        self.err("reference tag without an unsigned index")
+                    }
+                },
+                _ => {
+                    self.pos = start;
+                    self.err("expected a libchan reference (CBOR tag 0x4C43484E)")
+                }
+            };
+        }
+        visitor.visit_newtype_struct(self)
+    }
+
+    fn deserialize_enum<V: Visitor<'de>>(
+        self,
+        _name: &'static str,
+        _variants: &'static [&'static str],
+        visitor: V,
+    ) -> Result<V::Value> {
+        match self.peek()? >> 5 {
+            // A unit variant: its name.
+            3 => visitor.visit_enum(Enum {
+                de: self,
+                data: false,
+            }),
+            // A variant with data: a map of one entry, name to value.
+            5 => {
+                let start = self.pos;
+                match self.head()? {
+                    (_, _, Arg::Val(1)) => {}
+                    _ => {
+                        self.pos = start;
+                        return self.err("expected an enum as a single-entry map");
+                    }
+                }
+                self.enter()?;
+                let v = visitor.visit_enum(Enum {
+                    de: self,
+                    data: true,
+                })?;
+                self.leave();
+                Ok(v)
+            }
+            _ => self.err("expected an enum (a text string or a single-entry map)"),
+        }
+    }
+
+    fn deserialize_ignored_any<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value> {
+        // Visiting as IgnoredAny walks the value with the same checks and no allocation
+        // beyond indefinite-length strings.
+        self.deserialize_any(de::IgnoredAny)?;
+        visitor.visit_unit()
+    }
+
+    fn is_human_readable(&self) -> bool {
+        false
+    }
+
+    serde::forward_to_deserialize_any! {
+        bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string
+        bytes byte_buf seq tuple tuple_struct map struct identifier
+    }
+}
+
+struct Seq<'a, 'de> {
+    de: &'a mut De<'de>,
+    left: Option<usize>,
+}
+
+impl Seq<'_, '_> {
+    /// After the visitor is done: all items must have been read.
+    fn finish(&mut self) -> Result<()> {
+        match self.left {
+            Some(0) => Ok(()),
+            Some(n) => self.de.err(format_args!("{n} array items left unread")),
+            None if self.de.peek()? == BREAK => {
+                self.de.pos += 1;
+                Ok(())
+            }
+            None => self.de.err("array items left unread"),
+        }
+    }
+}
+
+impl<'de> de::SeqAccess<'de> for Seq<'_, 'de> {
+    type Error = DeError;
+
+    fn next_element_seed<T: DeserializeSeed<'de>>(&mut self, seed: T) -> Result<Option<T::Value>> {
+        match &mut self.left {
+            Some(0) => return Ok(None),
+            Some(n) => *n -= 1,
+            None if self.de.peek()? == BREAK => return Ok(None),
+            None => {}
+        }
+        seed.deserialize(&mut *self.de).map(Some)
+    }
+
+    fn size_hint(&self) -> Option<usize> {
+        self.left
+    }
+}
+
+struct Map<'a, 'de> {
+    de: &'a mut De<'de>,
+    left: Option<usize>,
+}
+
+impl Map<'_, '_> {
+    fn finish(&mut self) -> Result<()> {
+        match self.left {
+            Some(0) => Ok(()),
+            Some(n) => self.de.err(format_args!("{n} map entries left unread")),
+            None if self.de.peek()? == BREAK => {
+                self.de.pos += 1;
+                Ok(())
+            }
+            None => self.de.err("map entries left unread"),
+        }
+    }
+}
+
+impl<'de> de::MapAccess<'de> for Map<'_, 'de> {
+    type Error = DeError;
+
+    fn next_key_seed<K: DeserializeSeed<'de>>(&mut self, seed: K) -> Result<Option<K::Value>> {
+        match &mut self.left {
+            Some(0) => return Ok(None),
+            Some(n) => *n -= 1,
+            None if self.de.peek()? == BREAK => return Ok(None),
+            None => {}
+        }
+        seed.deserialize(&mut *self.de).map(Some)
+    }
+
+    fn next_value_seed<V: DeserializeSeed<'de>>(&mut self, seed: V) -> Result<V::Value> {
+        seed.deserialize(&mut *self.de)
+    }
+
+    fn size_hint(&self) -> Option<usize> {
+        self.left
+    }
+}
+
+struct Enum<'a, 'de> {
+    de: &'a mut De<'de>,
+    /// Whether a value follows the variant name (the single-entry map form).
+    data: bool,
+}
+
+impl Enum<'_, '_> {
+    fn expect_data(&self) -> Result<()> {
+        if self.data {
+            Ok(())
+        } else {
+            self.de.err("enum variant with data written as a bare name")
+        }
+    }
+}
+
+impl<'de> de::EnumAccess<'de> for Enum<'_, 'de> {
+    type Error = DeError;
+    type Variant = Self;
+
+    fn variant_seed<V: DeserializeSeed<'de>>(self, seed: V) -> Result<(V::Value, Self)> {
+        let v = seed.deserialize(&mut *self.de)?;
+        Ok((v, self))
+    }
+}
+
+impl<'de> de::VariantAccess<'de> for Enum<'_, 'de> {
+    type Error = DeError;
+
+    fn unit_variant(self) -> Result<()> {
+        if self.data {
+            // Accept `{"Variant": null}` as well as the bare name.
+            return de::Deserializer::deserialize_unit(&mut *self.de, de::IgnoredAny).map(|_| ());
+        }
+        Ok(())
+    }
+
+    fn newtype_variant_seed<T: DeserializeSeed<'de>>(self, seed: T) -> Result<T::Value> {
+        self.expect_data()?;
+        seed.deserialize(&mut *self.de)
+    }
+
+    fn tuple_variant<V: Visitor<'de>>(self, _len: usize, visitor: V) -> Result<V::Value> {
+        self.expect_data()?;
+        de::Deserializer::deserialize_any(&mut *self.de, visitor)
+    }
+
+    fn struct_variant<V: Visitor<'de>>(
+        self,
+        _fields: &'static [&'static str],
+        visitor: V,
+    ) -> Result<V::Value> {
+        self.expect_data()?;
+        de::Deserializer::deserialize_any(&mut *self.de, visitor)
+    }
+}
