@@ -32,11 +32,16 @@
 //!
 //! ## Crate features
 //!
-//! All on by default; each is additive.
+//! Each is additive. On by default:
 //!
 //! * `unix` — the unix-socket transport ([`unix`], `libchan-unix`).
 //! * `tcp` — the tcp transport ([`tcp`], `libchan-tcp`).
 //! * `cbor` — the CBOR codec ([`cbor`], `libchan-codec-cbor`), used by [`config()`].
+//!
+//! Off by default:
+//!
+//! * `tls` — the TLS transport (`tls`, `libchan-tls`: rustls with the *ring* provider,
+//!   mutual TLS, the peer's verified identity on the session).
 //!
 //! See [`libchan_core`] for the semantics (ordering, end of stream, errors, delivery when a
 //! connection drops) and the design.
@@ -49,6 +54,9 @@ pub use libchan_codec_cbor as cbor;
 /// The tcp transport.
 #[cfg(feature = "tcp")]
 pub use libchan_tcp as tcp;
+/// The TLS transport.
+#[cfg(feature = "tls")]
+pub use libchan_tls as tls;
 /// The unix-socket transport.
 #[cfg(feature = "unix")]
 pub use libchan_unix as unix;

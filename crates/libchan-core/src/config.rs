@@ -147,6 +147,12 @@ impl Config {
         self
     }
 
+    /// The configured handshake timeout (transports bound their own handshakes, such as
+    /// TLS, by it too).
+    pub fn handshake_timeout_value(&self) -> Duration {
+        self.handshake_timeout
+    }
+
     /// Sends a ping after this much idle time and drops the connection if the peer does
     /// not answer within the same interval (default: off).
     pub fn keepalive(mut self, interval: Duration) -> Self {

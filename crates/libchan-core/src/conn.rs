@@ -25,6 +25,69 @@ pub struct ConnectionStats {
     pub unclaimed_fds: usize,
 }
 
+/// Who the peer of a connection is, as far as the transport verified it.
+///
+/// Filled by transports that authenticate: TLS with the peer's certificate chain (mutual
+/// TLS on a server, the server's certificate on a client), an HTTP transport with the name
+/// its authentication check returned. Plain unix and tcp sessions have none.
+///
+/// ```
+/// let id = libchan_core::PeerIdentity::new()
+///     .with_subject_names(vec!["client.example".into()])
+///     .with_authenticated_as("alice");
+/// assert_eq!(id.subject_names(), ["client.example"]);
+/// assert_eq!(id.authenticated_as(), Some("alice"));
+/// assert!(id.certificates().is_empty());
+/// ```
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PeerIdentity {
+    certificates: Vec<Vec<u8>>,
+    subject_names: Vec<String>,
+    authenticated_as: Option<String>,
+}
+
+impl PeerIdentity {
+    /// An identity with nothing verified yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Sets the peer's verified certificate chain (DER, end-entity certificate first).
+    pub fn with_certificates(mut self, chain: Vec<Vec<u8>>) -> Self {
+        self.certificates = chain;
+        self
+    }
+
+    /// Sets the subject names (DNS and URI subject alternative names) of the peer's
+    /// verified end-entity certificate.
+    pub fn with_subject_names(mut self, names: Vec<String>) -> Self {
+        self.subject_names = names;
+        self
+    }
+
+    /// Sets the name an authentication check accepted the peer as.
+    pub fn with_authenticated_as(mut self, name: impl Into<String>) -> Self {
+        self.authenticated_as = Some(name.into());
+        self
+    }
+
+    /// The peer's verified certificate chain, DER, end-entity certificate first; empty
+    /// when the peer presented none.
+    pub fn certificates(&self) -> &[Vec<u8>] {
+        &self.certificates
+    }
+
+    /// DNS and URI subject alternative names of the peer's verified certificate.
+    pub fn subject_names(&self) -> &[String] {
+        &self.subject_names
+    }
+
+    /// The name an authentication check accepted the peer as, if one ran.
+    pub fn authenticated_as(&self) -> Option<&str> {
+        self.authenticated_as.as_deref()
+    }
+}
+
 /// A connection that opens and accepts streams and carries messages and bytes on them.
 ///
 /// Stream ids are `u32`, namespaced by who opened them ([`Connection::is_local`]). All
@@ -83,4 +146,8 @@ pub trait Connection: Send + Sync + fmt::Debug + 'static {
     fn error(&self) -> Option<Error>;
     /// Counters.
     fn stats(&self) -> ConnectionStats;
+    /// The peer's identity as the transport verified it; `None` by default.
+    fn peer_identity(&self) -> Option<&PeerIdentity> {
+        None
+    }
 }

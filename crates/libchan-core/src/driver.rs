@@ -20,7 +20,7 @@ use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
 use crate::config::Config;
-use crate::conn::{Connection, ConnectionStats};
+use crate::conn::{Connection, ConnectionStats, PeerIdentity};
 use crate::error::{Error, ErrorKind};
 use crate::frame::{Reason, StreamKind};
 use crate::message::{InMessage, OutMessage, WireRef};
@@ -36,6 +36,11 @@ pub trait Link: Send + 'static {
     /// True if [`LinkWrite::poll_write_fds`] really passes descriptors.
     fn can_pass_fds(&self) -> bool {
         false
+    }
+    /// The peer's identity as this link verified it (a TLS link: the peer's certificate);
+    /// `None` by default. Read once, before [`split`](Link::split).
+    fn peer_identity(&self) -> Option<PeerIdentity> {
+        None
     }
     /// Splits into independently owned halves.
     fn split(self: Box<Self>) -> (Box<dyn LinkRead>, Box<dyn LinkWrite>);
@@ -216,6 +221,7 @@ pub struct MuxConnection {
     codec: String,
     role: Role,
     can_pass_fds: bool,
+    peer: Option<PeerIdentity>,
 }
 
 impl fmt::Debug for MuxConnection {
@@ -243,6 +249,7 @@ impl MuxConnection {
             return Err(Error::closed("no codec configured"));
         }
         let can_pass_fds = link.can_pass_fds();
+        let peer = link.peer_identity();
         let mux = Mux::new(role, config.limits.clone(), config.codec_names());
         let (r, w) = link.split();
         let shared = Arc::new(Shared {
@@ -303,6 +310,7 @@ impl MuxConnection {
             codec,
             role,
             can_pass_fds,
+            peer,
         })
     }
 }
@@ -515,5 +523,9 @@ impl Connection for MuxConnection {
 
     fn stats(&self) -> ConnectionStats {
         self.shared.lock().stats()
+    }
+
+    fn peer_identity(&self) -> Option<&PeerIdentity> {
+        self.peer.as_ref()
     }
 }

@@ -89,7 +89,7 @@ pub mod stream;
 pub use channel::{channel, Receiver, Sender};
 pub use codec::Codec;
 pub use config::{Config, Limits};
-pub use conn::{Connection, ConnectionStats};
+pub use conn::{Connection, ConnectionStats, PeerIdentity};
 pub use error::{Error, ErrorKind, SendError, TrySendError};
 pub use mux::Role;
 pub use session::{Message, Session, SessionStats};

@@ -261,6 +261,15 @@ impl Session {
         }
     }
 
+    /// The peer's identity as the transport verified it (a TLS peer certificate, an HTTP
+    /// authentication result); `None` for transports that verify nothing, and in memory.
+    pub fn peer_identity(&self) -> Option<&crate::PeerIdentity> {
+        match &self.inner {
+            Kind::Net(n) => n.conn.peer_identity(),
+            Kind::Mem(_) => None,
+        }
+    }
+
     /// Name of the codec in use (`"mem"` for in-memory sessions).
     pub fn codec(&self) -> &str {
         match &self.inner {

@@ -10,6 +10,7 @@
 //! ```
 
 pub mod mock;
+pub mod pki;
 pub mod suite;
 
 use std::future::Future;
