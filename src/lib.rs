@@ -42,6 +42,8 @@
 //!
 //! * `tls` — the TLS transport (`tls`, `libchan-tls`: rustls with the *ring* provider,
 //!   mutual TLS, the peer's verified identity on the session).
+//! * `h2` — the HTTP/2 transport (`h2`, `libchan-h2`: one HTTP/2 stream per channel, h2c
+//!   and TLS, an `Endpoint` to mount in an existing hyper server).
 //!
 //! See [`libchan_core`] for the semantics (ordering, end of stream, errors, delivery when a
 //! connection drops) and the design.
@@ -51,6 +53,9 @@ pub use libchan_core::*;
 /// The CBOR codec.
 #[cfg(feature = "cbor")]
 pub use libchan_codec_cbor as cbor;
+/// The HTTP/2 transport.
+#[cfg(feature = "h2")]
+pub use libchan_h2 as h2;
 /// The tcp transport.
 #[cfg(feature = "tcp")]
 pub use libchan_tcp as tcp;

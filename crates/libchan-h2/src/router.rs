@@ -1,0 +1,734 @@
+//! The router: runs libchan's multiplexer over many HTTP/2 streams.
+//!
+//! The session's [`MuxConnection`](libchan_core::driver::MuxConnection) writes frames to
+//! an [`H2Link`] as it would to a socket. The router puts every frame of libchan stream
+//! *X* on the HTTP/2 stream of *X*, and the frames about the connection (HELLO, PING,
+//! GOAWAY, and top-level OPENs from the server, which cannot open HTTP/2 streams) on the
+//! session's control stream. The OPEN of a nested stream travels on its parent's HTTP/2
+//! stream, just before the message that references it, so that order is kept where it
+//! matters. Inbound, one task per HTTP/2 stream reads whole frames and hands them to the
+//! multiplexer; frames of a stream whose OPEN has not been handed over yet wait (and with
+//! them HTTP/2 flow control stops that stream). See docs/PROTOCOL.md §14.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::future::poll_fn;
+use std::io;
+use std::os::fd::OwnedFd;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::task::{Context, Poll};
+
+use bytes::{Bytes, BytesMut};
+use http::{HeaderValue, Request, StatusCode, Uri};
+use http_body::Body;
+use libchan_core::driver::{Link, LinkRead, LinkWrite};
+use libchan_core::frame::{FrameType, FLAG_FIN, HEADER_LEN};
+use libchan_core::{PeerIdentity, Role};
+use tokio::sync::{mpsc, watch};
+
+use crate::body::{OutBody, OutQueue};
+use crate::{Registry, CONTENT_TYPE, SESSION_HEADER, STREAM_HEADER};
+
+/// Inbound items queued for the multiplexer.
+const IN_QUEUE: usize = 256;
+/// Read at most this much from the inbound queue per read call.
+const READ_BATCH: usize = 256 * 1024;
+
+type InItem = Result<Bytes, String>;
+
+/// Where an inbound HTTP/2 body belongs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Bind {
+    Control,
+    Stream(u32),
+}
+
+struct Route {
+    /// Stream kind code from its OPEN (1, 2 channel; 3 bytes); 0 until known.
+    kind: u8,
+    out: Arc<OutQueue>,
+    /// True once the multiplexer knows the stream (its OPEN was handed over or sent).
+    known: watch::Sender<bool>,
+    /// An HTTP/2 stream exists (server: its request arrived; client: it was requested).
+    bound: bool,
+    out_ended: bool,
+    in_ended: bool,
+    reset: bool,
+    /// Our half of the HTTP/2 stream was ended.
+    half_closed: bool,
+    /// The peer's half of the HTTP/2 stream ended.
+    peer_done: bool,
+}
+
+impl Route {
+    fn new(known: bool) -> Route {
+        Route {
+            kind: 0,
+            out: Arc::new(OutQueue::default()),
+            known: watch::channel(known).0,
+            bound: false,
+            out_ended: false,
+            in_ended: false,
+            reset: false,
+            half_closed: false,
+            peer_done: false,
+        }
+    }
+
+    /// Both ends agree, from the frames each saw, when a stream needs its HTTP/2 stream no
+    /// more: after a RESET, after the one data direction of a channel ended, after both
+    /// directions of a byte stream ended.
+    fn done(&self) -> bool {
+        self.reset
+            || match self.kind {
+                1 | 2 => self.out_ended || self.in_ended,
+                3 => self.out_ended && self.in_ended,
+                _ => false,
+            }
+    }
+}
+
+struct State {
+    routes: HashMap<u32, Route>,
+    carry: BytesMut,
+    failure: Option<String>,
+    rx: Option<mpsc::Receiver<InItem>>,
+}
+
+/// What the client side needs to open HTTP/2 streams.
+pub(crate) struct ClientSide {
+    pub(crate) sender: hyper::client::conn::http2::SendRequest<OutBody>,
+    pub(crate) uri: Uri,
+    pub(crate) token: watch::Receiver<Option<HeaderValue>>,
+}
+
+pub(crate) struct Router {
+    role: Role,
+    client: Option<ClientSide>,
+    identity: Option<PeerIdentity>,
+    max_frame: usize,
+    max_routes: usize,
+    control: Arc<OutQueue>,
+    state: Mutex<State>,
+    in_tx: mpsc::Sender<InItem>,
+    shutdown: watch::Sender<bool>,
+    /// The next id the peer opens: its OPENs reach the multiplexer in id order (they may
+    /// arrive on different HTTP/2 streams, out of order).
+    next_peer_open: watch::Sender<u32>,
+    registry: Option<(Weak<Registry>, String)>,
+}
+
+impl fmt::Debug for Router {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Router")
+            .field("role", &self.role)
+            .field("routes", &self.lock().routes.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for Router {
+    fn drop(&mut self) {
+        if let Some((registry, token)) = &self.registry {
+            if let Some(r) = registry.upgrade() {
+                r.remove(token);
+            }
+        }
+    }
+}
+
+fn header(frame: &[u8]) -> (usize, u8, u8, u32) {
+    let len = (usize::from(frame[0]) << 16) | (usize::from(frame[1]) << 8) | usize::from(frame[2]);
+    let id = u32::from_be_bytes([frame[5], frame[6], frame[7], frame[8]]) & 0x7FFF_FFFF;
+    (len, frame[3], frame[4], id)
+}
+
+/// Kind and parent of an OPEN frame; `None` if its payload is malformed (the multiplexer
+/// reports that).
+fn open_fields(frame: &[u8]) -> Option<(u8, u32)> {
+    let p = frame.get(HEADER_LEN..HEADER_LEN + 5)?;
+    Some((p[0], u32::from_be_bytes([p[1], p[2], p[3], p[4]])))
+}
+
+enum Admit {
+    /// Hand the frame over; the stream id (if any) becomes known once it is queued.
+    Forward(Option<u32>),
+    /// The stream is not known yet: wait for its OPEN.
+    Wait(watch::Receiver<bool>),
+    /// An OPEN that must wait until the peer's lower ids have been handed over.
+    WaitTurn(watch::Receiver<u32>),
+}
+
+impl Router {
+    pub(crate) fn new(
+        role: Role,
+        client: Option<ClientSide>,
+        identity: Option<PeerIdentity>,
+        limits: &libchan_core::Limits,
+        registry: Option<(Weak<Registry>, String)>,
+    ) -> Arc<Router> {
+        let (in_tx, rx) = mpsc::channel(IN_QUEUE);
+        Arc::new(Router {
+            role,
+            client,
+            identity,
+            max_frame: limits.max_frame_size as usize,
+            max_routes: 2 * limits.max_streams as usize + 16,
+            control: Arc::new(OutQueue::default()),
+            state: Mutex::new(State {
+                routes: HashMap::new(),
+                carry: BytesMut::new(),
+                failure: None,
+                rx: Some(rx),
+            }),
+            in_tx,
+            shutdown: watch::channel(false).0,
+            next_peer_open: watch::channel(if role == Role::Dialer { 2 } else { 1 }).0,
+            registry,
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn control(&self) -> Arc<OutQueue> {
+        self.control.clone()
+    }
+
+    /// Ends the session with `msg` as the reason the connection was lost.
+    pub(crate) fn fail(&self, msg: String) {
+        let mut st = self.lock();
+        if st.failure.is_some() {
+            return;
+        }
+        st.failure = Some(msg.clone());
+        drop(st);
+        let _ = self.in_tx.try_send(Err(msg));
+    }
+
+    fn stop_readers(&self) {
+        self.shutdown.send_replace(true);
+    }
+
+    fn end_all(&self) {
+        let st = self.lock();
+        self.control.end();
+        for r in st.routes.values() {
+            r.out.end();
+        }
+    }
+
+    /// Queues one frame the multiplexer wrote.
+    fn route_out(self: &Arc<Self>, st: &mut State, frame: Bytes) {
+        let (_, ty, flags, id) = header(&frame);
+        if id == 0 {
+            self.control.push(frame);
+            return;
+        }
+        if FrameType(ty) == FrameType::OPEN {
+            let (kind, parent) = open_fields(&frame).unwrap_or((0, 0));
+            let route = st.routes.entry(id).or_insert_with(|| Route::new(true));
+            route.kind = kind;
+            route.known.send_replace(true);
+            let open_here = parent == 0 && self.role == Role::Dialer;
+            let spawn = self.role == Role::Dialer && !route.bound;
+            if spawn {
+                route.bound = true;
+            }
+            let own_out = route.out.clone();
+            if open_here {
+                own_out.push(frame);
+            } else if parent == 0 {
+                self.control.push(frame);
+            } else if let Some(p) = st.routes.get(&parent) {
+                p.out.push(frame);
+            }
+            if spawn {
+                self.spawn_client_stream(id, own_out);
+            }
+            return;
+        }
+        let Some(route) = st.routes.get_mut(&id) else {
+            return; // stale: the stream is over on both sides
+        };
+        if route.half_closed {
+            return;
+        }
+        route.out.push(frame);
+        match FrameType(ty) {
+            FrameType::DATA if flags & FLAG_FIN != 0 => route.out_ended = true,
+            FrameType::CLOSE => route.out_ended = true,
+            FrameType::RESET => route.reset = true,
+            _ => {}
+        }
+        Self::settle(st, id);
+    }
+
+    /// Ends our half of stream `id`'s HTTP/2 stream once it is done, and forgets the route
+    /// once both halves ended.
+    fn settle(st: &mut State, id: u32) {
+        let Some(route) = st.routes.get_mut(&id) else {
+            return;
+        };
+        if route.done() && !route.half_closed {
+            route.half_closed = true;
+            route.out.end();
+        }
+        if route.half_closed && route.peer_done {
+            st.routes.remove(&id);
+        }
+    }
+
+    /// Decides about one inbound frame from the HTTP/2 stream `bind`.
+    fn admit(self: &Arc<Self>, bind: Bind, frame: &[u8]) -> Result<Admit, String> {
+        let (_, ty, flags, id) = header(frame);
+        let is_open = FrameType(ty) == FrameType::OPEN;
+        let mut st = self.lock();
+        match bind {
+            Bind::Control => {
+                if id == 0 {
+                    return Ok(Admit::Forward(None));
+                }
+                let (kind, parent) = open_fields(frame).unwrap_or((0, u32::MAX));
+                if is_open && parent == 0 && self.role == Role::Dialer && !self.role.owns(id) {
+                    if let Some(wait) = self.turn(id)? {
+                        return Ok(wait);
+                    }
+                    self.peer_opened(&mut st, id, kind)?;
+                    return Ok(Admit::Forward(Some(id)));
+                }
+                Err(format!(
+                    "frame type {ty} for stream {id} on the control stream"
+                ))
+            }
+            Bind::Stream(s) if id == s => {
+                let Some(route) = st.routes.get_mut(&s) else {
+                    return Err(format!("no route for stream {s}"));
+                };
+                if is_open {
+                    let (kind, parent) = open_fields(frame).unwrap_or((0, u32::MAX));
+                    if parent != 0
+                        || *route.known.borrow()
+                        || self.role.owns(id)
+                        || self.role == Role::Dialer
+                    {
+                        return Err(format!("unexpected OPEN of stream {id} on its own stream"));
+                    }
+                    if let Some(wait) = self.turn(id)? {
+                        return Ok(wait);
+                    }
+                    route.kind = kind;
+                    return Ok(Admit::Forward(Some(id)));
+                }
+                if !*route.known.borrow() {
+                    return Ok(Admit::Wait(route.known.subscribe()));
+                }
+                match FrameType(ty) {
+                    FrameType::DATA if flags & FLAG_FIN != 0 => route.in_ended = true,
+                    FrameType::CLOSE => route.in_ended = true,
+                    FrameType::RESET => route.reset = true,
+                    _ => {}
+                }
+                Self::settle(&mut st, s);
+                Ok(Admit::Forward(None))
+            }
+            Bind::Stream(s) => {
+                let (kind, parent) = open_fields(frame).unwrap_or((0, u32::MAX));
+                if is_open && parent == s && !self.role.owns(id) {
+                    if let Some(wait) = self.turn(id)? {
+                        return Ok(wait);
+                    }
+                    self.peer_opened(&mut st, id, kind)?;
+                    return Ok(Admit::Forward(Some(id)));
+                }
+                Err(format!(
+                    "frame type {ty} for stream {id} on the HTTP/2 stream of stream {s}"
+                ))
+            }
+        }
+    }
+
+    /// Whether the peer's OPEN of `id` may be handed over now: ids reach the multiplexer in
+    /// the order the peer assigned them (PROTOCOL.md §14: consecutive).
+    fn turn(&self, id: u32) -> Result<Option<Admit>, String> {
+        let next = *self.next_peer_open.borrow();
+        if id < next {
+            return Err(format!(
+                "peer opened stream {id} again or out of sequence (next expected {next})"
+            ));
+        }
+        if id > next {
+            return Ok(Some(Admit::WaitTurn(self.next_peer_open.subscribe())));
+        }
+        Ok(None)
+    }
+
+    /// The peer opened stream `id` (its OPEN is being handed over): record it, and on the
+    /// client open the HTTP/2 stream the server cannot open itself.
+    fn peer_opened(self: &Arc<Self>, st: &mut State, id: u32, kind: u8) -> Result<(), String> {
+        if !st.routes.contains_key(&id) && st.routes.len() >= self.max_routes {
+            return Err(format!(
+                "more than {} streams routed (2 x max_streams + 16)",
+                self.max_routes
+            ));
+        }
+        let route = st.routes.entry(id).or_insert_with(|| Route::new(false));
+        if *route.known.borrow() {
+            return Err(format!("stream {id} opened twice"));
+        }
+        route.kind = kind;
+        if self.role == Role::Dialer && !route.bound {
+            route.bound = true;
+            let out = route.out.clone();
+            self.spawn_client_stream(id, out);
+        }
+        Ok(())
+    }
+
+    fn mark_known(&self, id: u32) {
+        if let Some(r) = self.lock().routes.get(&id) {
+            r.known.send_replace(true);
+        }
+        if !self.role.owns(id) {
+            self.next_peer_open.send_replace(id.saturating_add(2));
+        }
+    }
+
+    /// The peer's half of an HTTP/2 stream ended cleanly.
+    fn body_ended(&self, bind: Bind) -> Result<(), String> {
+        match bind {
+            Bind::Control => Err(String::new()),
+            Bind::Stream(s) => {
+                let mut st = self.lock();
+                let Some(route) = st.routes.get_mut(&s) else {
+                    return Ok(());
+                };
+                route.peer_done = true;
+                if !route.done() {
+                    return Err(format!(
+                        "the HTTP/2 stream of libchan stream {s} ended before the stream did"
+                    ));
+                }
+                Self::settle(&mut st, s);
+                Ok(())
+            }
+        }
+    }
+
+    /// Server: an HTTP/2 request arrived for stream `id`. Returns the queue its response
+    /// body sends from.
+    pub(crate) fn bind_server_stream(&self, id: u32) -> Result<Arc<OutQueue>, StatusCode> {
+        let mut st = self.lock();
+        if st.failure.is_some() {
+            return Err(StatusCode::GONE);
+        }
+        if id == 0 {
+            return Err(StatusCode::BAD_REQUEST);
+        }
+        if !st.routes.contains_key(&id) {
+            if self.role.owns(id) {
+                return Err(StatusCode::NOT_FOUND);
+            }
+            if st.routes.len() >= self.max_routes {
+                return Err(StatusCode::SERVICE_UNAVAILABLE);
+            }
+        }
+        let route = st.routes.entry(id).or_insert_with(|| Route::new(false));
+        if route.bound {
+            return Err(StatusCode::CONFLICT);
+        }
+        route.bound = true;
+        Ok(route.out.clone())
+    }
+
+    fn spawn_client_stream(self: &Arc<Self>, id: u32, out: Arc<OutQueue>) {
+        let router = self.clone();
+        tokio::spawn(async move {
+            let mut shutdown = router.shutdown.subscribe();
+            tokio::select! {
+                r = client_stream(&router, id, out) => {
+                    if let Err(m) = r {
+                        router.fail(m);
+                    }
+                }
+                _ = shutdown.wait_for(|s| *s) => {}
+            }
+        });
+    }
+
+    /// Spawns the task that reads an inbound HTTP/2 body into the multiplexer.
+    pub(crate) fn spawn_reader<B>(self: &Arc<Self>, bind: Bind, body: B)
+    where
+        B: Body<Data = Bytes> + Send + 'static,
+        B::Error: fmt::Display + Send,
+    {
+        let router = self.clone();
+        tokio::spawn(async move {
+            let mut shutdown = router.shutdown.subscribe();
+            tokio::select! {
+                r = read_body(&router, bind, body) => {
+                    if let Err(m) = r {
+                        router.fail(m);
+                    }
+                }
+                _ = shutdown.wait_for(|s| *s) => {}
+            }
+        });
+    }
+}
+
+async fn client_stream(router: &Arc<Router>, id: u32, out: Arc<OutQueue>) -> Result<(), String> {
+    let client = router.client.as_ref().ok_or("no client side")?;
+    let mut token = client.token.clone();
+    let token = token
+        .wait_for(|t| t.is_some())
+        .await
+        .map_err(|_| "session token never arrived".to_owned())?
+        .clone()
+        .ok_or("no session token")?;
+    let req = Request::post(client.uri.clone())
+        .header(http::header::CONTENT_TYPE, CONTENT_TYPE)
+        .header(SESSION_HEADER, token)
+        .header(STREAM_HEADER, id)
+        .body(OutBody::stream(out))
+        .map_err(|e| format!("building the request for stream {id}: {e}"))?;
+    let mut sender = client.sender.clone();
+    sender
+        .ready()
+        .await
+        .map_err(|e| format!("HTTP/2 connection: {e}"))?;
+    let resp = sender
+        .send_request(req)
+        .await
+        .map_err(|e| format!("HTTP/2 stream for libchan stream {id}: {e}"))?;
+    if resp.status() != StatusCode::OK {
+        return Err(format!(
+            "the server answered HTTP {} to the HTTP/2 stream of libchan stream {id}",
+            resp.status()
+        ));
+    }
+    read_body(router, Bind::Stream(id), resp.into_body()).await
+}
+
+/// Reads whole frames from `body` and hands them to the multiplexer.
+async fn read_body<B>(router: &Arc<Router>, bind: Bind, body: B) -> Result<(), String>
+where
+    B: Body<Data = Bytes>,
+    B::Error: fmt::Display + Send,
+{
+    let mut body = std::pin::pin!(body);
+    let mut buf = BytesMut::new();
+    loop {
+        while buf.len() >= HEADER_LEN {
+            let (len, ..) = header(&buf);
+            if len > router.max_frame {
+                return Err(format!(
+                    "frame length exceeds max_frame_size: {len} > limit {}",
+                    router.max_frame
+                ));
+            }
+            if buf.len() < HEADER_LEN + len {
+                break;
+            }
+            let frame = buf.split_to(HEADER_LEN + len).freeze();
+            loop {
+                match router.admit(bind, &frame)? {
+                    Admit::Forward(opened) => {
+                        router
+                            .in_tx
+                            .send(Ok(frame))
+                            .await
+                            .map_err(|_| "session gone".to_owned())?;
+                        if let Some(id) = opened {
+                            router.mark_known(id);
+                        }
+                        break;
+                    }
+                    Admit::Wait(mut known) => {
+                        known
+                            .wait_for(|k| *k)
+                            .await
+                            .map_err(|_| "stream forgotten".to_owned())?;
+                    }
+                    Admit::WaitTurn(mut next) => {
+                        let (_, _, _, id) = header(&frame);
+                        next.wait_for(|n| *n >= id)
+                            .await
+                            .map_err(|_| "session gone".to_owned())?;
+                    }
+                }
+            }
+        }
+        match poll_fn(|cx| body.as_mut().poll_frame(cx)).await {
+            Some(Ok(f)) => {
+                if let Ok(d) = f.into_data() {
+                    buf.extend_from_slice(&d);
+                }
+            }
+            Some(Err(e)) => {
+                return Err(match bind {
+                    Bind::Control => format!("HTTP/2 control stream failed: {e}"),
+                    Bind::Stream(s) => format!("HTTP/2 stream of libchan stream {s} failed: {e}"),
+                })
+            }
+            None => {
+                if !buf.is_empty() {
+                    return Err(format!(
+                        "HTTP/2 stream ended inside a frame ({} bytes left)",
+                        buf.len()
+                    ));
+                }
+                return match router.body_ended(bind) {
+                    Ok(()) => Ok(()),
+                    Err(m) if m.is_empty() => {
+                        // End of the control stream: end of the connection.
+                        let _ = router.in_tx.send(Ok(Bytes::new())).await;
+                        Ok(())
+                    }
+                    Err(m) => Err(m),
+                };
+            }
+        }
+    }
+}
+
+/// The [`Link`] a session's multiplexer runs over.
+#[derive(Debug)]
+pub(crate) struct H2Link(pub(crate) Arc<Router>);
+
+impl Link for H2Link {
+    fn peer_identity(&self) -> Option<PeerIdentity> {
+        self.0.identity.clone()
+    }
+
+    fn split(self: Box<Self>) -> (Box<dyn LinkRead>, Box<dyn LinkWrite>) {
+        let rx = self.0.lock().rx.take();
+        (
+            Box::new(H2Read {
+                router: self.0.clone(),
+                rx,
+            }),
+            Box::new(H2Write { router: self.0 }),
+        )
+    }
+}
+
+struct H2Read {
+    router: Arc<Router>,
+    rx: Option<mpsc::Receiver<InItem>>,
+}
+
+impl Drop for H2Read {
+    fn drop(&mut self) {
+        self.router.stop_readers();
+    }
+}
+
+impl LinkRead for H2Read {
+    fn poll_read_fds(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut BytesMut,
+        _fds: &mut Vec<OwnedFd>,
+    ) -> Poll<io::Result<usize>> {
+        let Some(rx) = self.rx.as_mut() else {
+            return Poll::Ready(Err(io::Error::other("link already split")));
+        };
+        let mut n = 0;
+        loop {
+            let item = match rx.poll_recv(cx) {
+                Poll::Ready(item) => item,
+                Poll::Pending if n > 0 => return Poll::Ready(Ok(n)),
+                Poll::Pending => {
+                    if let Some(m) = self.router.lock().failure.clone() {
+                        return Poll::Ready(Err(io::Error::other(m)));
+                    }
+                    return Poll::Pending;
+                }
+            };
+            match item {
+                Some(Ok(b)) if b.is_empty() => {
+                    // End of the control stream.
+                    return Poll::Ready(Ok(n));
+                }
+                Some(Ok(b)) => {
+                    buf.extend_from_slice(&b);
+                    n += b.len();
+                    if n >= READ_BATCH {
+                        return Poll::Ready(Ok(n));
+                    }
+                }
+                Some(Err(m)) => {
+                    if n > 0 {
+                        // Deliver what came first; the error is still recorded.
+                        return Poll::Ready(Ok(n));
+                    }
+                    return Poll::Ready(Err(io::Error::other(m)));
+                }
+                None => return Poll::Ready(Err(io::Error::other("HTTP/2 readers gone"))),
+            }
+        }
+    }
+}
+
+struct H2Write {
+    router: Arc<Router>,
+}
+
+impl Drop for H2Write {
+    fn drop(&mut self) {
+        self.router.end_all();
+    }
+}
+
+impl LinkWrite for H2Write {
+    fn poll_write_fds(
+        &mut self,
+        _cx: &mut Context<'_>,
+        buf: &[u8],
+        fds: &[OwnedFd],
+    ) -> Poll<io::Result<usize>> {
+        if !fds.is_empty() {
+            return Poll::Ready(Err(io::Error::other("HTTP/2 cannot pass file descriptors")));
+        }
+        let router = self.router.clone();
+        let mut st = router.lock();
+        st.carry.extend_from_slice(buf);
+        while st.carry.len() >= HEADER_LEN {
+            let (len, ..) = header(&st.carry);
+            if st.carry.len() < HEADER_LEN + len {
+                break;
+            }
+            let frame = st.carry.split_to(HEADER_LEN + len).freeze();
+            router.route_out(&mut st, frame);
+        }
+        Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_shutdown(&mut self, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.router.end_all();
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// Reads at most `limit` bytes of a body as text (for refusal messages).
+pub(crate) async fn read_text<B>(body: B, limit: usize) -> String
+where
+    B: Body<Data = Bytes>,
+{
+    let mut body = std::pin::pin!(body);
+    let mut out = Vec::new();
+    while out.len() < limit {
+        match poll_fn(|cx| Pin::as_mut(&mut body).poll_frame(cx)).await {
+            Some(Ok(f)) => {
+                if let Ok(d) = f.into_data() {
+                    out.extend_from_slice(&d[..d.len().min(limit - out.len())]);
+                }
+            }
+            _ => break,
+        }
+    }
+    String::from_utf8_lossy(&out).trim().to_owned()
+}
