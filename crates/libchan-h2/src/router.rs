@@ -263,16 +263,19 @@ impl Router {
             FrameType::RESET => route.reset = true,
             _ => {}
         }
-        Self::settle(st, id);
+        self.settle(st, id);
     }
 
     /// Ends our half of stream `id`'s HTTP/2 stream once it is done, and forgets the route
     /// once both halves ended.
-    fn settle(st: &mut State, id: u32) {
+    fn settle(&self, st: &mut State, id: u32) {
         let Some(route) = st.routes.get_mut(&id) else {
             return;
         };
-        if route.done() && !route.half_closed {
+        // The client half-closes first; the server ends its response only after the
+        // request ended, as gRPC does: proxies (nginx) end a request whose response ended.
+        let may_end = self.role == Role::Dialer || route.peer_done;
+        if route.done() && may_end && !route.half_closed {
             route.half_closed = true;
             route.out.end();
         }
@@ -331,7 +334,7 @@ impl Router {
                     FrameType::RESET => route.reset = true,
                     _ => {}
                 }
-                Self::settle(&mut st, s);
+                self.settle(&mut st, s);
                 Ok(Admit::Forward(None))
             }
             Bind::Stream(s) => {
@@ -411,7 +414,7 @@ impl Router {
                         "the HTTP/2 stream of libchan stream {s} ended before the stream did"
                     ));
                 }
-                Self::settle(&mut st, s);
+                self.settle(&mut st, s);
                 Ok(())
             }
         }

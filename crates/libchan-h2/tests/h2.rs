@@ -17,8 +17,11 @@ async fn h2c_pair() -> (Session, Session) {
     let client = H2Client::new(addr.to_string(), config());
     let (c, s) = tokio::join!(client.connect(), listener.accept());
     let pair = (c.expect("connect"), s.expect("accept"));
-    // The listener's accept loop lives as long as the listener; keep it for the session.
-    std::mem::forget(listener);
+    // The listener's accept loop lives until the test's runtime shuts down.
+    tokio::spawn(async move {
+        let _keep = listener;
+        std::future::pending::<()>().await
+    });
     pair
 }
 
@@ -58,7 +61,10 @@ async fn tls_pair() -> (Session, Session) {
     let client = H2Client::new(addr.to_string(), config()).tls("localhost", client_tls);
     let (c, s) = tokio::join!(client.connect(), listener.accept());
     let pair = (c.expect("connect"), s.expect("accept"));
-    std::mem::forget(listener);
+    tokio::spawn(async move {
+        let _keep = listener;
+        std::future::pending::<()>().await
+    });
     pair
 }
 

@@ -11,6 +11,7 @@
 
 pub mod mock;
 pub mod pki;
+pub mod proxy;
 pub mod suite;
 
 use std::future::Future;
