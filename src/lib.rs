@@ -44,6 +44,7 @@
 //!   mutual TLS, the peer's verified identity on the session).
 //! * `h2` — the HTTP/2 transport (`h2`, `libchan-h2`: one HTTP/2 stream per channel, h2c
 //!   and TLS, an `Endpoint` to mount in an existing hyper server).
+//! * `ws` — the WebSocket transport (`ws`, `libchan-ws`: ws and wss).
 //!
 //! See [`libchan_core`] for the semantics (ordering, end of stream, errors, delivery when a
 //! connection drops) and the design.
@@ -65,6 +66,9 @@ pub use libchan_tls as tls;
 /// The unix-socket transport.
 #[cfg(feature = "unix")]
 pub use libchan_unix as unix;
+/// The WebSocket transport.
+#[cfg(feature = "ws")]
+pub use libchan_ws as ws;
 
 /// The default configuration: the CBOR codec and default limits.
 ///

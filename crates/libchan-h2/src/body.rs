@@ -95,6 +95,13 @@ impl OutBody {
         }
     }
 
+    /// An empty body.
+    pub fn empty() -> Self {
+        OutBody {
+            kind: Kind::Full(None),
+        }
+    }
+
     /// A body of fixed bytes (used for refusals and errors).
     pub fn full(bytes: impl Into<Bytes>) -> Self {
         OutBody {

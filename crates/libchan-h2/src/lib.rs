@@ -306,6 +306,9 @@ impl Endpoint {
         B: Body<Data = Bytes> + Send + 'static,
         B::Error: fmt::Display + Send,
     {
+        if libchan_ws::is_upgrade_request(req.headers()) {
+            return self.websocket_request(req, peer);
+        }
         if req.method() != Method::POST {
             return plain(
                 StatusCode::METHOD_NOT_ALLOWED,
@@ -315,7 +318,7 @@ impl Endpoint {
         if req.version() != http::Version::HTTP_2 {
             return plain(
                 StatusCode::UPGRADE_REQUIRED,
-                "libchan over HTTP needs HTTP/2",
+                "libchan over HTTP/1.1 needs a WebSocket upgrade (subprotocol libchan.v1)",
             );
         }
         let (parts, body) = req.into_parts();
@@ -323,6 +326,65 @@ impl Endpoint {
             Some(token) => self.stream_request(&parts, token, body),
             None => self.session_request(parts, body, peer),
         }
+    }
+
+    /// Runs the authorization check; `Err` is the refusal response.
+    #[allow(clippy::result_large_err)]
+    fn check(
+        &self,
+        parts: &http::request::Parts,
+        peer: Option<PeerIdentity>,
+    ) -> Result<Option<PeerIdentity>, Response<OutBody>> {
+        let Some(check) = &self.inner.authorize else {
+            return Ok(peer);
+        };
+        match check(parts, peer.as_ref()) {
+            Ok(Some(name)) => Ok(Some(peer.unwrap_or_default().with_authenticated_as(name))),
+            Ok(None) => Ok(peer),
+            Err(r) => Err(plain(r.status, r.message)),
+        }
+    }
+
+    /// An HTTP/1.1 WebSocket upgrade on the endpoint's path: the same session, carried in
+    /// binary WebSocket messages (PROTOCOL.md §16).
+    fn websocket_request<B>(
+        &self,
+        mut req: Request<B>,
+        peer: Option<PeerIdentity>,
+    ) -> Response<OutBody> {
+        let on_upgrade = hyper::upgrade::on(&mut req);
+        let (parts, _body) = req.into_parts();
+        let identity = match self.check(&parts, peer) {
+            Ok(i) => i,
+            Err(refusal) => return refusal,
+        };
+        let resp = match libchan_ws::upgrade_response(&parts) {
+            Ok(r) => r,
+            Err((status, text)) => return plain(status, text),
+        };
+        let permit = match self.inner.accept_tx.clone().try_reserve_owned() {
+            Ok(p) => p,
+            Err(_) => {
+                return plain(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "too many sessions waiting to be accepted",
+                )
+            }
+        };
+        let config = self.inner.config.clone();
+        tokio::spawn(async move {
+            let r = match on_upgrade.await {
+                Ok(upgraded) => {
+                    libchan_ws::over_upgraded(TokioIo::new(upgraded), identity, &config).await
+                }
+                Err(e) => Err(Error::new(
+                    ErrorKind::Handshake,
+                    format!("WebSocket upgrade: {e}"),
+                )),
+            };
+            permit.send(r);
+        });
+        resp.map(|()| OutBody::empty())
     }
 
     fn stream_request<B>(
@@ -376,16 +438,10 @@ impl Endpoint {
                 );
             }
         }
-        let mut identity = peer;
-        if let Some(check) = &self.inner.authorize {
-            match check(&parts, identity.as_ref()) {
-                Ok(Some(name)) => {
-                    identity = Some(identity.unwrap_or_default().with_authenticated_as(name))
-                }
-                Ok(None) => {}
-                Err(r) => return plain(r.status, r.message),
-            }
-        }
+        let identity = match self.check(&parts, peer) {
+            Ok(i) => i,
+            Err(refusal) => return refusal,
+        };
         let permit = match self.inner.accept_tx.clone().try_reserve_owned() {
             Ok(p) => p,
             Err(_) => {
@@ -423,7 +479,7 @@ impl Endpoint {
         ok_response(out, Some(token))
     }
 
-    /// Serves one connection (HTTP/2, or HTTP/1.1 for other routes of a combined server)
+    /// Serves one connection (HTTP/2, or HTTP/1.1 with a WebSocket upgrade)
     /// until it ends: requests to the endpoint's path go to [`Endpoint::handle`], others
     /// get 404. `peer` is the connection's TLS identity, if any.
     pub async fn serve_connection<IO>(
@@ -454,7 +510,7 @@ impl Endpoint {
             .initial_stream_window_size(h2_window(limits))
             .initial_connection_window_size(16 * 1024 * 1024);
         builder
-            .serve_connection(TokioIo::new(io), service)
+            .serve_connection_with_upgrades(TokioIo::new(io), service)
             .await
             .map_err(|e| Error::new(ErrorKind::ConnectionLost, format!("HTTP connection: {e}")))
     }
@@ -586,6 +642,7 @@ pub struct H2Client {
     tls: Option<(String, Arc<rustls::ClientConfig>)>,
     headers: HeaderMap,
     config: Config,
+    websocket_fallback: bool,
 }
 
 impl fmt::Debug for H2Client {
@@ -607,7 +664,46 @@ impl H2Client {
             tls: None,
             headers: HeaderMap::new(),
             config,
+            websocket_fallback: false,
         }
+    }
+
+    /// Prefers HTTP/2 but falls back to a WebSocket on the same URL when the server (or a
+    /// proxy on the way) speaks only HTTP/1.1: over TLS when ALPN does not select `h2`,
+    /// over cleartext when the HTTP/2 connection fails. A session the server *refused*
+    /// (an HTTP status) is not retried.
+    pub fn websocket_fallback(mut self) -> Self {
+        self.websocket_fallback = true;
+        self
+    }
+
+    fn websocket(&self) -> libchan_ws::WsClient {
+        let (scheme, authority) = match &self.tls {
+            Some((name, _)) => {
+                let port = self.addr.rsplit_once(':').map(|(_, p)| p).unwrap_or("443");
+                ("wss", format!("{name}:{port}"))
+            }
+            None => ("ws", self.addr.clone()),
+        };
+        let mut ws = libchan_ws::WsClient::new(
+            format!("{scheme}://{authority}{}", self.path),
+            self.config.clone(),
+        );
+        for (k, v) in &self.headers {
+            if let Ok(v) = v.to_str() {
+                ws = ws.header(k.as_str(), v);
+            }
+        }
+        ws
+    }
+
+    async fn tcp(&self) -> Result<TcpStream, Error> {
+        let tcp = TcpStream::connect(&self.addr)
+            .await
+            .map_err(|e| io_err(&format!("connect {}", self.addr), e))?;
+        tcp.set_nodelay(true)
+            .map_err(|e| io_err("set TCP_NODELAY", e))?;
+        Ok(tcp)
     }
 
     /// The endpoint's path (default [`DEFAULT_PATH`]).
@@ -640,20 +736,38 @@ impl H2Client {
     /// and runs the libchan handshake. A server that refuses the session gives an
     /// [`ErrorKind::Refused`] error naming the HTTP status and the server's message.
     pub async fn connect(&self) -> Result<Session, Error> {
-        let tcp = TcpStream::connect(&self.addr)
-            .await
-            .map_err(|e| io_err(&format!("connect {}", self.addr), e))?;
-        tcp.set_nodelay(true)
-            .map_err(|e| io_err("set TCP_NODELAY", e))?;
-        match &self.tls {
-            None => self.connect_io(tcp, None).await,
-            Some((name, tls)) => {
-                let timeout = self.config.handshake_timeout_value();
-                let s = libchan_tls::client_handshake(tcp, name, tls.clone(), timeout).await?;
-                let peer = libchan_tls::stream_peer_identity(&s);
-                self.connect_io(s, peer).await
+        let tcp = self.tcp().await?;
+        let Some((name, tls)) = &self.tls else {
+            return match self.connect_io(tcp, None).await {
+                Err(e) if self.websocket_fallback && !e.is_refused() => {
+                    let tcp = self.tcp().await?;
+                    self.websocket().connect_io(tcp, None).await.map_err(|we| {
+                        Error::new(we.kind(), format!("{we} (after HTTP/2 failed: {e})"))
+                    })
+                }
+                r => r,
+            };
+        };
+        let tls = if self.websocket_fallback {
+            let mut c = (**tls).clone();
+            c.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+            Arc::new(c)
+        } else {
+            tls.clone()
+        };
+        let timeout = self.config.handshake_timeout_value();
+        let s = libchan_tls::client_handshake(tcp, name, tls, timeout).await?;
+        let peer = libchan_tls::stream_peer_identity(&s);
+        let h2 = match &s {
+            libchan_tls::tokio_rustls::TlsStream::Client(c) => {
+                c.get_ref().1.alpn_protocol() == Some(b"h2")
             }
+            libchan_tls::tokio_rustls::TlsStream::Server(_) => false,
+        };
+        if !h2 && self.websocket_fallback {
+            return self.websocket().connect_io(s, peer).await;
         }
+        self.connect_io(s, peer).await
     }
 
     /// Runs the session over an established connection that speaks HTTP/2 (`peer`: the

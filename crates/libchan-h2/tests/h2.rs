@@ -342,3 +342,54 @@ mod http {
         assert_eq!(rx.recv().await.expect("recv"), Some(9));
     }
 }
+
+mod websocket {
+    use libchan_core::ErrorKind;
+    use libchan_h2::{Endpoint, H2Listener, Refusal};
+    use libchan_ws::WsClient;
+
+    use super::config;
+
+    #[tokio::test]
+    async fn the_endpoint_serves_websocket_upgrades_with_the_same_authorization() {
+        let endpoint = Endpoint::new(config()).authorize(|req, _| {
+            match req.headers.get("authorization").map(|v| v.as_bytes()) {
+                Some(b"Bearer ok") => Ok(Some("bob".into())),
+                _ => Err(Refusal::unauthorized("who are you?")),
+            }
+        });
+        let listener = H2Listener::with_endpoint("127.0.0.1:0", endpoint, None)
+            .await
+            .expect("bind");
+        let url = format!("ws://{}/libchan", listener.local_addr());
+        let e = WsClient::new(url.clone(), config())
+            .connect()
+            .await
+            .expect_err("no credentials");
+        assert_eq!(e.kind(), ErrorKind::Refused, "{e}");
+        assert!(e.to_string().contains("401"), "{e}");
+        assert!(e.to_string().contains("who are you?"), "{e}");
+
+        let client = WsClient::new(url, config())
+            .header("authorization", "Bearer ok")
+            .connect()
+            .await
+            .expect("connect");
+        let server = listener.accept().await.expect("session");
+        assert_eq!(
+            server.peer_identity().expect("identity").authenticated_as(),
+            Some("bob")
+        );
+        let tx = server.open::<String>().await.expect("open");
+        tx.send("to a websocket client".into()).await.expect("send");
+        let mut rx = client
+            .accept::<String>()
+            .await
+            .expect("accept")
+            .expect("channel");
+        assert_eq!(
+            rx.recv().await.expect("recv").as_deref(),
+            Some("to a websocket client")
+        );
+    }
+}

@@ -46,3 +46,61 @@ libchan_test_support::conformance!(
         loss: true
     }
 );
+
+/// An HTTP/1.1-only proxy (nginx passing WebSocket upgrades): a client that prefers HTTP/2
+/// falls back to a WebSocket on the same URL, served by the same endpoint.
+async fn through_nginx_websocket() -> (Session, Session) {
+    let listener = H2Listener::bind("127.0.0.1:0", config())
+        .await
+        .expect("bind");
+    let proxy = proxy::nginx(listener.local_addr(), NginxMode::WebSocket);
+    let client = H2Client::new(proxy.addr().to_string(), config()).websocket_fallback();
+    let (c, s) = tokio::join!(client.connect(), listener.accept());
+    let c = c.unwrap_or_else(|e| panic!("connect through nginx: {e}\n{}", proxy.error_log()));
+    let s = s.expect("accept");
+    tokio::spawn(async move {
+        let _keep = (listener, proxy);
+        std::future::pending::<()>().await
+    });
+    (c, s)
+}
+
+libchan_test_support::conformance!(
+    nginx_websocket_fallback,
+    through_nginx_websocket,
+    Caps {
+        fds: false,
+        loss: true
+    }
+);
+
+#[tokio::test]
+async fn nginx_sees_one_http2_request_per_channel() {
+    let listener = H2Listener::bind("127.0.0.1:0", config())
+        .await
+        .expect("bind");
+    let proxy = proxy::nginx(listener.local_addr(), NginxMode::Grpc);
+    let client = H2Client::new(proxy.addr().to_string(), config());
+    let (c, s) = tokio::join!(client.connect(), listener.accept());
+    let (c, s) = (c.expect("connect"), s.expect("accept"));
+    let mut txs = Vec::new();
+    for i in 0..10u32 {
+        let tx = c.open::<u32>().await.expect("open");
+        tx.send(i).await.expect("send");
+        let mut rx = s.accept::<u32>().await.expect("accept").expect("channel");
+        assert_eq!(rx.recv().await.expect("recv"), Some(i));
+        txs.push(tx);
+    }
+    drop(txs);
+    c.close();
+    libchan_test_support::wait_until("nginx logs every request", || {
+        proxy.access_log().matches("POST /libchan HTTP/2.0").count() == 11
+    })
+    .await;
+    let log = proxy.access_log();
+    assert_eq!(
+        log.matches("POST /libchan HTTP/2.0\" 200").count(),
+        11,
+        "{log}"
+    );
+}
