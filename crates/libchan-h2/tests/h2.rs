@@ -310,6 +310,25 @@ mod http {
     }
 
     #[tokio::test]
+    async fn an_oversized_frame_length_fails_the_session_naming_the_limit() {
+        let listener = H2Listener::bind("127.0.0.1:0", config())
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().to_string();
+        // A frame header announcing 16 MiB - 1 on the control stream.
+        let status = raw_request(&addr, &[], &[0xFF, 0xFF, 0xFF, 0, 0, 0, 0, 0, 0, 1, 2, 3]).await;
+        assert_eq!(status, StatusCode::OK);
+        let e = within("failed session", listener.accept())
+            .await
+            .expect_err("oversized frame");
+        assert!(
+            e.to_string()
+                .contains("max_frame_size: 16777215 > limit 65536"),
+            "{e}"
+        );
+    }
+
+    #[tokio::test]
     async fn a_control_stream_of_garbage_fails_that_session_only() {
         let listener = H2Listener::bind("127.0.0.1:0", config())
             .await
