@@ -43,6 +43,46 @@ async fn pair(transport: &str) -> Res<(Session, Session)> {
     Ok(match transport {
         "inmem" => Session::mem_pair(),
         "unix" => libchan::unix::pair(&config).await?,
+        "tls" => {
+            let pki = libchan_test_support::pki::test_pki();
+            let server = libchan::tls::ServerTls::from_pem(
+                pki.server_cert_pem.as_bytes(),
+                pki.server_key_pem.as_bytes(),
+            )?
+            .build()?;
+            let client = libchan::tls::ClientTls::with_roots_pem(pki.ca_pem.as_bytes())?.build()?;
+            let l = libchan::tls::TlsListener::bind("127.0.0.1:0", server, config.clone()).await?;
+            let addr = l.local_addr()?;
+            let (a, b) = tokio::join!(
+                libchan::tls::connect(addr, "localhost", client, &config),
+                l.accept()
+            );
+            (a?, b?)
+        }
+        "h2" => {
+            let l = libchan::h2::H2Listener::bind("127.0.0.1:0", config.clone()).await?;
+            let client = libchan::h2::H2Client::new(l.local_addr().to_string(), config.clone());
+            let (a, b) = tokio::join!(client.connect(), l.accept());
+            // The listener's accept loop must outlive the sessions: keep it for the run.
+            std::mem::forget(l);
+            (a?, b?)
+        }
+        "ws" => {
+            let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+            let url = format!("ws://{}/libchan", tcp.local_addr()?);
+            let c = config.clone();
+            let server = tokio::spawn(async move {
+                let (s, _) = tcp.accept().await?;
+                Ok::<_, Box<dyn std::error::Error + Send + Sync>>(
+                    libchan::ws::accept(s, None, &c).await?,
+                )
+            });
+            let a = libchan::ws::WsClient::new(url, config.clone())
+                .connect()
+                .await?;
+            let b = server.await?.map_err(|e| e.to_string())?;
+            (a, b)
+        }
         _ => {
             let l = libchan::tcp::TcpListener::bind("127.0.0.1:0", config.clone()).await?;
             let addr = l.local_addr()?;
