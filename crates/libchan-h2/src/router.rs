@@ -50,6 +50,8 @@ struct Route {
     out: Arc<OutQueue>,
     /// True once the multiplexer knows the stream (its OPEN was handed over or sent).
     known: watch::Sender<bool>,
+    /// For a peer-opened stream: true once the peer's OPENs before it were handed over.
+    turn: watch::Sender<bool>,
     /// An HTTP/2 stream exists (server: its request arrived; client: it was requested).
     bound: bool,
     out_ended: bool,
@@ -67,6 +69,7 @@ impl Route {
             kind: 0,
             out: Arc::new(OutQueue::default()),
             known: watch::channel(known).0,
+            turn: watch::channel(false).0,
             bound: false,
             out_ended: false,
             in_ended: false,
@@ -115,7 +118,7 @@ pub(crate) struct Router {
     shutdown: watch::Sender<bool>,
     /// The next id the peer opens: its OPENs reach the multiplexer in id order (they may
     /// arrive on different HTTP/2 streams, out of order).
-    next_peer_open: watch::Sender<u32>,
+    next_peer_open: std::sync::atomic::AtomicU32,
     registry: Option<(Weak<Registry>, String)>,
 }
 
@@ -157,7 +160,7 @@ enum Admit {
     /// The stream is not known yet: wait for its OPEN.
     Wait(watch::Receiver<bool>),
     /// An OPEN that must wait until the peer's lower ids have been handed over.
-    WaitTurn(watch::Receiver<u32>),
+    WaitTurn(watch::Receiver<bool>),
 }
 
 impl Router {
@@ -184,7 +187,11 @@ impl Router {
             }),
             in_tx,
             shutdown: watch::channel(false).0,
-            next_peer_open: watch::channel(if role == Role::Dialer { 2 } else { 1 }).0,
+            next_peer_open: std::sync::atomic::AtomicU32::new(if role == Role::Dialer {
+                2
+            } else {
+                1
+            }),
             registry,
         })
     }
@@ -296,7 +303,7 @@ impl Router {
                 }
                 let (kind, parent) = open_fields(frame).unwrap_or((0, u32::MAX));
                 if is_open && parent == 0 && self.role == Role::Dialer && !self.role.owns(id) {
-                    if let Some(wait) = self.turn(id)? {
+                    if let Some(wait) = self.turn(&mut st, id)? {
                         return Ok(wait);
                     }
                     self.peer_opened(&mut st, id, kind)?;
@@ -319,10 +326,12 @@ impl Router {
                     {
                         return Err(format!("unexpected OPEN of stream {id} on its own stream"));
                     }
-                    if let Some(wait) = self.turn(id)? {
+                    if let Some(wait) = self.turn(&mut st, id)? {
                         return Ok(wait);
                     }
-                    route.kind = kind;
+                    if let Some(route) = st.routes.get_mut(&s) {
+                        route.kind = kind;
+                    }
                     return Ok(Admit::Forward(Some(id)));
                 }
                 if !*route.known.borrow() {
@@ -340,7 +349,7 @@ impl Router {
             Bind::Stream(s) => {
                 let (kind, parent) = open_fields(frame).unwrap_or((0, u32::MAX));
                 if is_open && parent == s && !self.role.owns(id) {
-                    if let Some(wait) = self.turn(id)? {
+                    if let Some(wait) = self.turn(&mut st, id)? {
                         return Ok(wait);
                     }
                     self.peer_opened(&mut st, id, kind)?;
@@ -355,15 +364,25 @@ impl Router {
 
     /// Whether the peer's OPEN of `id` may be handed over now: ids reach the multiplexer in
     /// the order the peer assigned them (PROTOCOL.md §14: consecutive).
-    fn turn(&self, id: u32) -> Result<Option<Admit>, String> {
-        let next = *self.next_peer_open.borrow();
+    fn turn(&self, st: &mut State, id: u32) -> Result<Option<Admit>, String> {
+        let next = self
+            .next_peer_open
+            .load(std::sync::atomic::Ordering::SeqCst);
         if id < next {
             return Err(format!(
                 "peer opened stream {id} again or out of sequence (next expected {next})"
             ));
         }
         if id > next {
-            return Ok(Some(Admit::WaitTurn(self.next_peer_open.subscribe())));
+            // Only this OPEN's own route is woken when its turn comes (no thundering herd).
+            if !st.routes.contains_key(&id) && st.routes.len() >= self.max_routes {
+                return Err(format!(
+                    "more than {} streams routed (2 x max_streams + 16)",
+                    self.max_routes
+                ));
+            }
+            let route = st.routes.entry(id).or_insert_with(|| Route::new(false));
+            return Ok(Some(Admit::WaitTurn(route.turn.subscribe())));
         }
         Ok(None)
     }
@@ -391,11 +410,17 @@ impl Router {
     }
 
     fn mark_known(&self, id: u32) {
-        if let Some(r) = self.lock().routes.get(&id) {
+        let st = self.lock();
+        if let Some(r) = st.routes.get(&id) {
             r.known.send_replace(true);
         }
         if !self.role.owns(id) {
-            self.next_peer_open.send_replace(id.saturating_add(2));
+            let next = id.saturating_add(2);
+            self.next_peer_open
+                .store(next, std::sync::atomic::Ordering::SeqCst);
+            if let Some(r) = st.routes.get(&next) {
+                r.turn.send_replace(true);
+            }
         }
     }
 
@@ -555,9 +580,8 @@ where
                             .await
                             .map_err(|_| "stream forgotten".to_owned())?;
                     }
-                    Admit::WaitTurn(mut next) => {
-                        let (_, _, _, id) = header(&frame);
-                        next.wait_for(|n| *n >= id)
+                    Admit::WaitTurn(mut turn) => {
+                        turn.wait_for(|t| *t)
                             .await
                             .map_err(|_| "session gone".to_owned())?;
                     }
