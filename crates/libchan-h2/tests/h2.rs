@@ -61,6 +61,15 @@ async fn tls_pair() -> (Session, Session) {
     let client = H2Client::new(addr.to_string(), config()).tls("localhost", client_tls);
     let (c, s) = tokio::join!(client.connect(), listener.accept());
     let pair = (c.expect("connect"), s.expect("accept"));
+    // The TLS identities reach both sessions.
+    assert_eq!(
+        pair.0.peer_identity().expect("server cert").subject_names(),
+        ["localhost"]
+    );
+    assert_eq!(
+        pair.1.peer_identity().expect("client cert").subject_names(),
+        ["client.example"]
+    );
     tokio::spawn(async move {
         let _keep = listener;
         std::future::pending::<()>().await
@@ -411,4 +420,48 @@ mod websocket {
             Some("to a websocket client")
         );
     }
+}
+
+#[tokio::test]
+async fn authorization_sees_the_tls_client_certificate() {
+    let pki = libchan_test_support::pki::test_pki();
+    let server_tls = libchan_tls::ServerTls::from_pem(
+        pki.server_cert_pem.as_bytes(),
+        pki.server_key_pem.as_bytes(),
+    )
+    .expect("pem")
+    .require_client_cert(pki.ca_pem.as_bytes())
+    .expect("ca")
+    .build()
+    .expect("server tls");
+    let client_tls = libchan_tls::ClientTls::with_roots_pem(pki.ca_pem.as_bytes())
+        .expect("roots")
+        .client_cert(
+            pki.client_cert_pem.as_bytes(),
+            pki.client_key_pem.as_bytes(),
+        )
+        .expect("client cert")
+        .build()
+        .expect("client tls");
+    let endpoint = libchan_h2::Endpoint::new(config()).authorize(|_req, tls| {
+        let names = tls.map(|t| t.subject_names().to_vec()).unwrap_or_default();
+        if names.iter().any(|n| n == "client.example") {
+            Ok(Some("the client.example service".into()))
+        } else {
+            Err(libchan_h2::Refusal::forbidden(format!("{names:?} may not")))
+        }
+    });
+    let listener = H2Listener::with_endpoint("127.0.0.1:0", endpoint, Some(server_tls))
+        .await
+        .expect("bind");
+    let client = H2Client::new(listener.local_addr().to_string(), config())
+        .tls("localhost", client_tls)
+        .connect()
+        .await
+        .expect("connect");
+    let server = listener.accept().await.expect("session");
+    let id = server.peer_identity().expect("identity");
+    assert_eq!(id.authenticated_as(), Some("the client.example service"));
+    assert_eq!(id.subject_names(), ["client.example"]);
+    drop(client);
 }
