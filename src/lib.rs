@@ -45,6 +45,8 @@
 //! * `h2` — the HTTP/2 transport (`h2`, `libchan-h2`: one HTTP/2 stream per channel, h2c
 //!   and TLS, an `Endpoint` to mount in an existing hyper server).
 //! * `ws` — the WebSocket transport (`ws`, `libchan-ws`: ws and wss).
+//! * `json` — the JSON codec (`json`, `libchan-codec-json`).
+//! * `msgpack` — the MessagePack codec (`msgpack`, `libchan-codec-msgpack`).
 //!
 //! See [`libchan_core`] for the semantics (ordering, end of stream, errors, delivery when a
 //! connection drops) and the design.
@@ -54,6 +56,12 @@ pub use libchan_core::*;
 /// The CBOR codec.
 #[cfg(feature = "cbor")]
 pub use libchan_codec_cbor as cbor;
+/// The JSON codec.
+#[cfg(feature = "json")]
+pub use libchan_codec_json as json;
+/// The MessagePack codec.
+#[cfg(feature = "msgpack")]
+pub use libchan_codec_msgpack as msgpack;
 /// The HTTP/2 transport.
 #[cfg(feature = "h2")]
 pub use libchan_h2 as h2;

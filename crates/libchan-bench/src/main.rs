@@ -10,6 +10,7 @@
 //! libchan / raw ratio table on stderr. Workloads that measure memory run in a fresh
 //! child process (this binary with `--child`).
 
+mod codecs;
 mod lc;
 mod raw;
 
@@ -176,6 +177,8 @@ struct Args {
     quick: bool,
     table: bool,
     child: bool,
+    /// Measure the codecs instead of the workloads.
+    codecs: bool,
     systems: Vec<String>,
     transports: Vec<String>,
     workloads: Vec<String>,
@@ -186,6 +189,7 @@ fn parse_args() -> Result<Args, String> {
         quick: false,
         table: false,
         child: false,
+        codecs: false,
         systems: Vec::new(),
         transports: Vec::new(),
         workloads: Vec::new(),
@@ -196,6 +200,7 @@ fn parse_args() -> Result<Args, String> {
             "--quick" => a.quick = true,
             "--table" => a.table = true,
             "--child" => a.child = true,
+            "--codecs" => a.codecs = true,
             "--system" => a.systems.push(it.next().ok_or("--system needs a value")?),
             "--transport" => a
                 .transports
@@ -206,7 +211,7 @@ fn parse_args() -> Result<Args, String> {
             "-h" | "--help" => {
                 return Err(
                     "usage: libchan-bench [--quick] [--table] [--transport T]... \
-                            [--workload W]... [--system libchan|raw]..."
+                            [--workload W]... [--system libchan|raw]... | [--quick] --codecs"
                         .into(),
                 )
             }
@@ -323,6 +328,10 @@ fn main() {
             std::process::exit(2);
         }
     };
+    if args.codecs {
+        codecs::run(args.quick);
+        return;
+    }
     let counts = Counts::new(args.quick);
     let systems = selected(&["libchan", "raw"], &args.systems);
     let transports = selected(&TRANSPORTS, &args.transports);
