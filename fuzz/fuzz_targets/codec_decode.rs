@@ -1,0 +1,45 @@
+//! Every codec's decoder, including how it reads references, on arbitrary bytes.
+#![no_main]
+
+use libchan_core::{erased_serde, Codec};
+use libfuzzer_sys::fuzz_target;
+use serde::Deserialize;
+
+#[derive(Deserialize)]
+#[allow(dead_code)]
+struct Typical {
+    id: u64,
+    name: String,
+    tags: Vec<String>,
+    #[serde(with = "serde_bytes")]
+    payload: Vec<u8>,
+    nested: Option<Box<Typical>>,
+    choice: Choice,
+}
+
+#[derive(Deserialize)]
+#[allow(dead_code)]
+enum Choice {
+    A,
+    B(i32),
+    C { x: f64 },
+}
+
+fn run(codec: &dyn Codec, data: &[u8]) {
+    let _ = codec.decode(data, &mut |d| {
+        erased_serde::deserialize::<serde::de::IgnoredAny>(d).map(|_| ())
+    });
+    let _ = codec.decode(data, &mut |d| erased_serde::deserialize::<Typical>(d).map(|_| ()));
+    let _ = codec.decode(data, &mut |d| codec.read_ref(d).map(|_| ()));
+}
+
+fuzz_target!(|data: &[u8]| {
+    let Some((&which, rest)) = data.split_first() else {
+        return;
+    };
+    match which % 3 {
+        0 => run(&libchan_codec_cbor::Cbor, rest),
+        1 => run(&libchan_codec_json::Json, rest),
+        _ => run(&libchan_codec_msgpack::MsgPack, rest),
+    }
+});
