@@ -196,3 +196,37 @@ libchan_test_support::conformance!(
         loss: true
     }
 );
+
+/// A link that buffers in user space (as TLS does) must be flushed after each batch:
+/// `tokio::io::BufWriter` holds up to 8 KiB until flushed, so without the flush a small
+/// message would never leave.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_buffering_link_is_flushed_after_each_batch() {
+    let (x, y) = tokio::io::duplex(1 << 16);
+    let config = libchan::config();
+    let (a, b) = tokio::join!(
+        Session::over_link(
+            IoLink::new(tokio::io::BufWriter::new(x)),
+            Role::Dialer,
+            &config
+        ),
+        Session::over_link(
+            IoLink::new(tokio::io::BufWriter::new(y)),
+            Role::Listener,
+            &config
+        ),
+    );
+    let (a, b) = (a.expect("dialer"), b.expect("listener"));
+    let tx = a.open::<u8>().await.expect("open");
+    tx.send(42).await.expect("send");
+    let mut rx = libchan_test_support::within("accept", b.accept::<u8>())
+        .await
+        .expect("accept")
+        .expect("channel");
+    assert_eq!(
+        libchan_test_support::within("the small message", rx.recv())
+            .await
+            .expect("recv"),
+        Some(42)
+    );
+}

@@ -67,6 +67,12 @@ pub trait LinkWrite: Send + 'static {
         buf: &[u8],
         fds: &[OwnedFd],
     ) -> Poll<io::Result<usize>>;
+    /// Pushes out anything the link buffered (a TLS record, a buffered writer). The writer
+    /// calls it after each batch, before it waits for more to send. The default does
+    /// nothing: sockets do not buffer in user space.
+    fn poll_flush(&mut self, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
     /// Shuts the write direction down.
     fn poll_shutdown(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
 }
@@ -167,6 +173,10 @@ impl<W: AsyncWrite + Send + Unpin + 'static> LinkWrite for IoWrite<W> {
             )));
         }
         Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+
+    fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_flush(cx)
     }
 
     fn poll_shutdown(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -380,6 +390,10 @@ async fn write_loop(shared: Arc<Shared>, mut w: Box<dyn LinkWrite>) {
                 }
             }
             out.clear();
+            if let Err(e) = poll_fn(|cx| w.poll_flush(cx)).await {
+                fail_write(&shared, e);
+                return;
+            }
             continue;
         }
         if lost || drained {
