@@ -232,7 +232,11 @@ impl<'de> de::Deserializer<'de> for &mut De<'de> {
                     Arg::Indefinite => None,
                 };
                 self.enter()?;
-                let mut access = Seq { de: self, left };
+                let mut access = Items {
+                    de: self,
+                    left,
+                    what: "array items",
+                };
                 let v = visitor.visit_seq(&mut access)?;
                 access.finish()?;
                 self.leave();
@@ -244,7 +248,11 @@ impl<'de> de::Deserializer<'de> for &mut De<'de> {
                     Arg::Indefinite => None,
                 };
                 self.enter()?;
-                let mut access = Map { de: self, left };
+                let mut access = Items {
+                    de: self,
+                    left,
+                    what: "map entries",
+                };
                 let v = visitor.visit_map(&mut access)?;
                 access.finish()?;
                 self.leave();
@@ -394,35 +402,47 @@ impl<'de> de::Deserializer<'de> for &mut De<'de> {
     }
 }
 
-struct Seq<'a, 'de> {
+/// The items of an array or the entries of a map, definite (`left`) or up to a break.
+struct Items<'a, 'de> {
     de: &'a mut De<'de>,
     left: Option<usize>,
+    /// "array items" or "map entries", for errors.
+    what: &'static str,
 }
 
-impl Seq<'_, '_> {
+impl Items<'_, '_> {
+    /// Whether another item follows (and counts it).
+    fn next(&mut self) -> Result<bool> {
+        match &mut self.left {
+            Some(0) => Ok(false),
+            Some(n) => {
+                *n -= 1;
+                Ok(true)
+            }
+            None => Ok(self.de.peek()? != BREAK),
+        }
+    }
+
     /// After the visitor is done: all items must have been read.
     fn finish(&mut self) -> Result<()> {
         match self.left {
             Some(0) => Ok(()),
-            Some(n) => self.de.err(format_args!("{n} array items left unread")),
+            Some(n) => self.de.err(format_args!("{n} {} left unread", self.what)),
             None if self.de.peek()? == BREAK => {
                 self.de.pos += 1;
                 Ok(())
             }
-            None => self.de.err("array items left unread"),
+            None => self.de.err(format_args!("{} left unread", self.what)),
         }
     }
 }
 
-impl<'de> de::SeqAccess<'de> for Seq<'_, 'de> {
+impl<'de> de::SeqAccess<'de> for Items<'_, 'de> {
     type Error = DeError;
 
     fn next_element_seed<T: DeserializeSeed<'de>>(&mut self, seed: T) -> Result<Option<T::Value>> {
-        match &mut self.left {
-            Some(0) => return Ok(None),
-            Some(n) => *n -= 1,
-            None if self.de.peek()? == BREAK => return Ok(None),
-            None => {}
+        if !self.next()? {
+            return Ok(None);
         }
         seed.deserialize(&mut *self.de).map(Some)
     }
@@ -432,34 +452,12 @@ impl<'de> de::SeqAccess<'de> for Seq<'_, 'de> {
     }
 }
 
-struct Map<'a, 'de> {
-    de: &'a mut De<'de>,
-    left: Option<usize>,
-}
-
-impl Map<'_, '_> {
-    fn finish(&mut self) -> Result<()> {
-        match self.left {
-            Some(0) => Ok(()),
-            Some(n) => self.de.err(format_args!("{n} map entries left unread")),
-            None if self.de.peek()? == BREAK => {
-                self.de.pos += 1;
-                Ok(())
-            }
-            None => self.de.err("map entries left unread"),
-        }
-    }
-}
-
-impl<'de> de::MapAccess<'de> for Map<'_, 'de> {
+impl<'de> de::MapAccess<'de> for Items<'_, 'de> {
     type Error = DeError;
 
     fn next_key_seed<K: DeserializeSeed<'de>>(&mut self, seed: K) -> Result<Option<K::Value>> {
-        match &mut self.left {
-            Some(0) => return Ok(None),
-            Some(n) => *n -= 1,
-            None if self.de.peek()? == BREAK => return Ok(None),
-            None => {}
+        if !self.next()? {
+            return Ok(None);
         }
         seed.deserialize(&mut *self.de).map(Some)
     }

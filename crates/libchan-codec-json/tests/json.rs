@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use libchan_codec_json::Json;
-use libchan_core::{erased_serde, Codec, Config, ErrorKind, Session};
+use libchan_core::{Codec, Config, ErrorKind, Session};
 use libchan_test_support::Caps;
 use serde::de::DeserializeOwned;
 
@@ -13,13 +13,7 @@ fn config() -> Config {
 }
 
 async fn tcp_pair() -> (Session, Session) {
-    let l = libchan_tcp::TcpListener::bind("127.0.0.1:0", config())
-        .await
-        .expect("bind");
-    let addr = l.local_addr().expect("addr");
-    let cfg = config();
-    let (a, b) = tokio::join!(libchan_tcp::connect(addr, &cfg), l.accept());
-    let (a, b) = (a.expect("connect"), b.expect("accept"));
+    let (a, b) = libchan_test_support::tcp_pair(config()).await;
     assert_eq!(a.codec(), "json");
     (a, b)
 }
@@ -34,12 +28,7 @@ libchan_test_support::conformance!(
 );
 
 fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, libchan_core::Error> {
-    let mut out = None;
-    Json.decode(bytes, &mut |d| {
-        out = Some(erased_serde::deserialize::<T>(d)?);
-        Ok(())
-    })?;
-    out.ok_or_else(|| libchan_core::Error::new(ErrorKind::Decode, "no value"))
+    libchan_test_support::decode(&Json, bytes)
 }
 
 #[test]

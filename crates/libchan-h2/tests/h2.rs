@@ -34,7 +34,11 @@ libchan_test_support::conformance!(
     }
 );
 
-async fn tls_pair() -> (Session, Session) {
+/// Fresh certificates; server and client configs for mutual TLS.
+fn mutual_tls() -> (
+    std::sync::Arc<rustls::ServerConfig>,
+    std::sync::Arc<rustls::ClientConfig>,
+) {
     let pki = libchan_test_support::pki::test_pki();
     let server_tls = libchan_tls::ServerTls::from_pem(
         pki.server_cert_pem.as_bytes(),
@@ -54,6 +58,11 @@ async fn tls_pair() -> (Session, Session) {
         .expect("client cert")
         .build()
         .expect("client tls");
+    (server_tls, client_tls)
+}
+
+async fn tls_pair() -> (Session, Session) {
+    let (server_tls, client_tls) = mutual_tls();
     let listener = H2Listener::bind_tls("127.0.0.1:0", server_tls, config())
         .await
         .expect("bind");
@@ -424,25 +433,7 @@ mod websocket {
 
 #[tokio::test]
 async fn authorization_sees_the_tls_client_certificate() {
-    let pki = libchan_test_support::pki::test_pki();
-    let server_tls = libchan_tls::ServerTls::from_pem(
-        pki.server_cert_pem.as_bytes(),
-        pki.server_key_pem.as_bytes(),
-    )
-    .expect("pem")
-    .require_client_cert(pki.ca_pem.as_bytes())
-    .expect("ca")
-    .build()
-    .expect("server tls");
-    let client_tls = libchan_tls::ClientTls::with_roots_pem(pki.ca_pem.as_bytes())
-        .expect("roots")
-        .client_cert(
-            pki.client_cert_pem.as_bytes(),
-            pki.client_key_pem.as_bytes(),
-        )
-        .expect("client cert")
-        .build()
-        .expect("client tls");
+    let (server_tls, client_tls) = mutual_tls();
     let endpoint = libchan_h2::Endpoint::new(config()).authorize(|_req, tls| {
         let names = tls.map(|t| t.subject_names().to_vec()).unwrap_or_default();
         if names.iter().any(|n| n == "client.example") {

@@ -93,3 +93,27 @@ macro_rules! conformance {
         )*
     };
 }
+
+/// A pair of sessions over a fresh loopback tcp connection, both with `config`: for
+/// running the suite with a codec other than the default.
+pub async fn tcp_pair(config: libchan_core::Config) -> (Session, Session) {
+    let l = libchan_tcp::TcpListener::bind("127.0.0.1:0", config.clone())
+        .await
+        .expect("bind");
+    let addr = l.local_addr().expect("addr");
+    let (a, b) = tokio::join!(libchan_tcp::connect(addr, &config), l.accept());
+    (a.expect("connect"), b.expect("accept"))
+}
+
+/// Decodes `bytes` as a `T` through `codec`, as a session would.
+pub fn decode<T: serde::de::DeserializeOwned>(
+    codec: &dyn libchan_core::Codec,
+    bytes: &[u8],
+) -> Result<T, libchan_core::Error> {
+    let mut out = None;
+    codec.decode(bytes, &mut |d| {
+        out = Some(libchan_core::erased_serde::deserialize::<T>(d)?);
+        Ok(())
+    })?;
+    out.ok_or_else(|| libchan_core::Error::new(libchan_core::ErrorKind::Decode, "no value"))
+}
