@@ -17,11 +17,7 @@ async fn h2c_pair() -> (Session, Session) {
     let client = H2Client::new(addr.to_string(), config());
     let (c, s) = tokio::join!(client.connect(), listener.accept());
     let pair = (c.expect("connect"), s.expect("accept"));
-    // The listener's accept loop lives until the test's runtime shuts down.
-    tokio::spawn(async move {
-        let _keep = listener;
-        std::future::pending::<()>().await
-    });
+    libchan_test_support::keep_until_shutdown(listener);
     pair
 }
 
@@ -79,10 +75,7 @@ async fn tls_pair() -> (Session, Session) {
         pair.1.peer_identity().expect("client cert").subject_names(),
         ["client.example"]
     );
-    tokio::spawn(async move {
-        let _keep = listener;
-        std::future::pending::<()>().await
-    });
+    libchan_test_support::keep_until_shutdown(listener);
     pair
 }
 

@@ -12,26 +12,30 @@ fn config() -> Config {
     Config::new(libchan_codec_cbor::Cbor)
 }
 
-async fn through(start: impl FnOnce(std::net::SocketAddr) -> Proxy) -> (Session, Session) {
+/// A session pair through the proxy `start` puts in front of an `H2Listener`; with
+/// `websocket_fallback`, a client that prefers HTTP/2 and falls back to a WebSocket.
+async fn through(
+    start: impl FnOnce(std::net::SocketAddr) -> Proxy,
+    websocket_fallback: bool,
+) -> (Session, Session) {
     let listener = H2Listener::bind("127.0.0.1:0", config())
         .await
         .expect("bind");
     let proxy = start(listener.local_addr());
-    let client = H2Client::new(proxy.addr().to_string(), config());
+    let mut client = H2Client::new(proxy.addr().to_string(), config());
+    if websocket_fallback {
+        client = client.websocket_fallback();
+    }
     let (c, s) = tokio::join!(client.connect(), listener.accept());
     let c = c.unwrap_or_else(|e| panic!("connect through proxy: {e}\n{}", proxy.error_log()));
     let s = s.expect("accept");
-    // Proxy and listener live until the test's runtime shuts down.
-    tokio::spawn(async move {
-        let _keep = (listener, proxy);
-        std::future::pending::<()>().await
-    });
+    libchan_test_support::keep_until_shutdown((listener, proxy));
     (c, s)
 }
 
 libchan_test_support::conformance!(
     nginx,
-    || through(|up| proxy::nginx(up, NginxMode::Grpc)),
+    || through(|up| proxy::nginx(up, NginxMode::Grpc), false),
     Caps {
         fds: false,
         loss: true
@@ -40,7 +44,7 @@ libchan_test_support::conformance!(
 
 libchan_test_support::conformance!(
     haproxy,
-    || through(proxy::haproxy),
+    || through(proxy::haproxy, false),
     Caps {
         fds: false,
         loss: true
@@ -50,19 +54,7 @@ libchan_test_support::conformance!(
 /// An HTTP/1.1-only proxy (nginx passing WebSocket upgrades): a client that prefers HTTP/2
 /// falls back to a WebSocket on the same URL, served by the same endpoint.
 async fn through_nginx_websocket() -> (Session, Session) {
-    let listener = H2Listener::bind("127.0.0.1:0", config())
-        .await
-        .expect("bind");
-    let proxy = proxy::nginx(listener.local_addr(), NginxMode::WebSocket);
-    let client = H2Client::new(proxy.addr().to_string(), config()).websocket_fallback();
-    let (c, s) = tokio::join!(client.connect(), listener.accept());
-    let c = c.unwrap_or_else(|e| panic!("connect through nginx: {e}\n{}", proxy.error_log()));
-    let s = s.expect("accept");
-    tokio::spawn(async move {
-        let _keep = (listener, proxy);
-        std::future::pending::<()>().await
-    });
-    (c, s)
+    through(|up| proxy::nginx(up, NginxMode::WebSocket), true).await
 }
 
 libchan_test_support::conformance!(

@@ -117,3 +117,12 @@ pub fn decode<T: serde::de::DeserializeOwned>(
     })?;
     out.ok_or_else(|| libchan_core::Error::new(libchan_core::ErrorKind::Decode, "no value"))
 }
+
+/// Keeps `value` (a listener, a proxy process) alive until the test's runtime shuts down,
+/// for pair functions whose sessions outlive the function.
+pub fn keep_until_shutdown<T: Send + 'static>(value: T) {
+    tokio::spawn(async move {
+        let _keep = value;
+        std::future::pending::<()>().await
+    });
+}
