@@ -47,6 +47,8 @@
 //! * `ws` — the WebSocket transport (`ws`, `libchan-ws`: ws and wss).
 //! * `json` — the JSON codec (`json`, `libchan-codec-json`).
 //! * `msgpack` — the MessagePack codec (`msgpack`, `libchan-codec-msgpack`).
+//! * `protobuf` — the Protocol Buffers codec for prost messages (`protobuf`,
+//!   `libchan-codec-protobuf`).
 //!
 //! See [`libchan_core`] for the semantics (ordering, end of stream, errors, delivery when a
 //! connection drops) and the design.
@@ -62,6 +64,9 @@ pub use libchan_codec_json as json;
 /// The MessagePack codec.
 #[cfg(feature = "msgpack")]
 pub use libchan_codec_msgpack as msgpack;
+/// The Protocol Buffers codec.
+#[cfg(feature = "protobuf")]
+pub use libchan_codec_protobuf as protobuf;
 /// The HTTP/2 transport.
 #[cfg(feature = "h2")]
 pub use libchan_h2 as h2;

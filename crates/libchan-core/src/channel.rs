@@ -456,8 +456,8 @@ enum RecvInner<T> {
 }
 
 pub(crate) struct RemoteReceiver {
-    session: Arc<NetSession>,
-    id: u32,
+    pub(crate) session: Arc<NetSession>,
+    pub(crate) id: u32,
 }
 
 impl Drop for RemoteReceiver {
@@ -673,6 +673,53 @@ impl<T> Drop for Receiver<T> {
     }
 }
 
+impl<T: Message> Sender<T> {
+    /// A Sender for a remote stream already claimed (see `attachment.rs`).
+    pub(crate) fn from_remote(r: Arc<RemoteSender>) -> Self {
+        Sender {
+            inner: SenderInner::Remote(r, PhantomData),
+        }
+    }
+}
+
+impl RemoteSender {
+    pub(crate) fn new(session: Arc<NetSession>, id: u32) -> Arc<Self> {
+        Arc::new(RemoteSender {
+            session,
+            id,
+            closed: AtomicBool::new(false),
+            size_hint: AtomicUsize::new(64),
+        })
+    }
+}
+
+impl<T: Message> Receiver<T> {
+    /// A Receiver for a remote stream already claimed (see `attachment.rs`).
+    pub(crate) fn from_remote(r: RemoteReceiver) -> Self {
+        Receiver {
+            slot: Arc::new(Mutex::new(Some(RecvInner::Remote(r)))),
+        }
+    }
+
+    /// A Receiver of ours that came back: `first` carries what the peer had not
+    /// delivered, then the original continues (its forwarding task hands it back).
+    pub(crate) fn returned(first: RemoteReceiver, original: u32) -> Self {
+        let (back_tx, back_rx) = oneshot::channel();
+        // Ask the forwarding task of our stream to stop and hand the original back.
+        // If it is gone, everything it forwarded arrives on the new stream.
+        if let Some(stop) = first.session.take_returned::<ReturnStop<T>>(original) {
+            let _ = stop.send(back_tx);
+        }
+        Receiver {
+            slot: Arc::new(Mutex::new(Some(RecvInner::Returned {
+                first,
+                rest: back_rx,
+                first_done: false,
+            }))),
+        }
+    }
+}
+
 // ---- serialization of ends -------------------------------------------------------------
 
 fn outside<R>(what: &str, f: impl FnOnce(String) -> R) -> R {
@@ -815,19 +862,7 @@ impl<'de, T: Message> Deserialize<'de> for Receiver<T> {
                 session: ctx.session.clone(),
                 id: rest_ref.id,
             };
-            let (back_tx, back_rx) = oneshot::channel();
-            // Ask the forwarding task of our stream to stop and hand the original back.
-            // If it is gone, everything it forwarded arrives on the new stream.
-            if let Some(stop) = ctx.session.take_returned::<ReturnStop<T>>(r.id) {
-                let _ = stop.send(back_tx);
-            }
-            Ok(Receiver {
-                slot: Arc::new(Mutex::new(Some(RecvInner::Returned {
-                    first,
-                    rest: back_rx,
-                    first_done: false,
-                }))),
-            })
+            Ok(Receiver::returned(first, r.id))
         })
         .unwrap_or_else(|| Err("libchan decode context missing".to_owned()))
         .map_err(D::Error::custom)

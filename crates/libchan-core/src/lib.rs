@@ -74,6 +74,7 @@
 //! [`Receiver::recv`] and [`Session::accept`] are cancel safe. [`Sender::send`] dropped
 //! before completion has not sent the message.
 
+pub mod attachment;
 pub mod channel;
 pub mod codec;
 pub mod config;
@@ -86,6 +87,7 @@ pub mod mux;
 pub mod session;
 pub mod stream;
 
+pub use attachment::{Attachment, AttachmentKind};
 pub use channel::{channel, Receiver, Sender};
 pub use codec::Codec;
 pub use config::{Config, Limits};

@@ -321,6 +321,9 @@ struct MemSession {
     closing: Arc<tokio::sync::watch::Sender<bool>>,
 }
 
+/// A Sender of some message type, exported on a stream so that it can come back.
+pub(crate) type ExportedSender = Arc<dyn Any + Send + Sync>;
+
 pub(crate) struct NetSession {
     pub(crate) conn: Box<dyn Connection>,
     pub(crate) codec: Arc<dyn Codec>,
@@ -351,10 +354,11 @@ impl NetSession {
     }
 
     pub(crate) fn export_sender<T: Message>(&self, id: u32, tx: Sender<T>) {
+        let shared: ExportedSender = Arc::new(tx);
         self.origins
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(id, Box::new(tx));
+            .insert(id, Box::new(shared));
     }
 
     pub(crate) fn unexport(&self, id: u32) {
@@ -387,11 +391,17 @@ impl NetSession {
     }
 
     pub(crate) fn exported_sender<T: Message>(&self, id: u32) -> Option<Sender<T>> {
+        self.exported_sender_any(id)
+            .and_then(|s| s.downcast_ref::<Sender<T>>().cloned())
+    }
+
+    /// The Sender exported on stream `id`, untyped.
+    pub(crate) fn exported_sender_any(&self, id: u32) -> Option<ExportedSender> {
         self.origins
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .get(&id)
-            .and_then(|b| b.downcast_ref::<Sender<T>>())
+            .and_then(|b| b.downcast_ref::<ExportedSender>())
             .cloned()
     }
 }

@@ -224,7 +224,10 @@ impl<'de> Deserialize<'de> for ByteStream {
     }
 }
 
-fn claim_bytes(ctx: &mut crate::session::DecodeCtx<'_>, r: WireRef) -> Result<ByteStream, String> {
+pub(crate) fn claim_bytes(
+    ctx: &mut crate::session::DecodeCtx<'_>,
+    r: WireRef,
+) -> Result<ByteStream, String> {
     ctx.session
         .conn
         .claim(ctx.parent, r.id, StreamKind::Bytes)
@@ -298,6 +301,10 @@ impl Fd {
         Fd {
             slot: Arc::new(Mutex::new(Some(FdInner::Owned(fd.into())))),
         }
+    }
+
+    pub(crate) fn from_stream(s: ByteStream) -> Self {
+        Fd::from_inner(FdInner::Stream(s))
     }
 
     fn from_inner(inner: FdInner) -> Self {
