@@ -49,6 +49,7 @@
 //! * `msgpack` — the MessagePack codec (`msgpack`, `libchan-codec-msgpack`).
 //! * `protobuf` — the Protocol Buffers codec for prost messages (`protobuf`,
 //!   `libchan-codec-protobuf`).
+//! * `xml` — the XML codec (`xml`, `libchan-codec-xml`).
 //!
 //! See [`libchan_core`] for the semantics (ordering, end of stream, errors, delivery when a
 //! connection drops) and the design.
@@ -67,6 +68,9 @@ pub use libchan_codec_msgpack as msgpack;
 /// The Protocol Buffers codec.
 #[cfg(feature = "protobuf")]
 pub use libchan_codec_protobuf as protobuf;
+/// The XML codec.
+#[cfg(feature = "xml")]
+pub use libchan_codec_xml as xml;
 /// The HTTP/2 transport.
 #[cfg(feature = "h2")]
 pub use libchan_h2 as h2;

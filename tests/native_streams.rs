@@ -26,6 +26,8 @@ struct Dir {
     end: Option<Option<String>>,
     error_reported: bool,
     reader_gone: bool,
+    /// The reader took the clean end: delivery is confirmed.
+    end_taken: bool,
     reader: Option<Waker>,
     writer: Option<Waker>,
 }
@@ -300,7 +302,13 @@ impl Connection for NativeConn {
             return Poll::Pending;
         }
         match &d.end {
-            Some(None) => return Poll::Ready(Ok(None)),
+            Some(None) => {
+                if !d.end_taken {
+                    d.end_taken = true;
+                    d.wake();
+                }
+                return Poll::Ready(Ok(None));
+            }
             Some(Some(m)) => {
                 if d.error_reported {
                     return Poll::Ready(Ok(None));
@@ -377,6 +385,30 @@ impl Connection for NativeConn {
 
     fn poll_flush(&self, _cx: &mut Context<'_>, _id: u32) -> Poll<Result<(), Error>> {
         Poll::Ready(Ok(()))
+    }
+
+    fn poll_delivered(&self, cx: &mut Context<'_>, id: u32) -> Poll<Result<(), Error>> {
+        let mut w = self.w();
+        let lost = w.lost.clone();
+        let other = self.other();
+        let Some(s) = w.streams.get_mut(&id) else {
+            return Poll::Ready(Err(Error::new(ErrorKind::Closed, "stream forgotten")));
+        };
+        let d = &mut s.dirs[other];
+        if d.end_taken {
+            return Poll::Ready(Ok(()));
+        }
+        if d.reader_gone {
+            return Poll::Ready(Err(Error::new(
+                ErrorKind::Reset,
+                "the receiver was dropped before it took the end",
+            )));
+        }
+        if let Some(e) = lost {
+            return Poll::Ready(Err(e));
+        }
+        d.writer = Some(cx.waker().clone());
+        Poll::Pending
     }
 
     fn poll_send_closed(&self, cx: &mut Context<'_>, id: u32) -> Poll<()> {

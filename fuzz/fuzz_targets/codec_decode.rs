@@ -37,9 +37,10 @@ fuzz_target!(|data: &[u8]| {
     let Some((&which, rest)) = data.split_first() else {
         return;
     };
-    match which % 3 {
+    match which % 4 {
         0 => run(&libchan_codec_cbor::Cbor, rest),
         1 => run(&libchan_codec_json::Json, rest),
-        _ => run(&libchan_codec_msgpack::MsgPack, rest),
+        2 => run(&libchan_codec_msgpack::MsgPack, rest),
+        _ => run(&libchan_codec_xml::Xml, rest),
     }
 });

@@ -105,10 +105,11 @@ where
 /// Prints one JSON line per codec and metric.
 pub(crate) fn run(quick: bool) {
     let iters = if quick { 2_000 } else { 200_000 };
-    let codecs: [&dyn Codec; 3] = [
+    let codecs: [&dyn Codec; 4] = [
         &libchan::cbor::Cbor,
         &libchan_codec_msgpack::MsgPack,
         &libchan_codec_json::Json,
+        &libchan_codec_xml::Xml,
     ];
     let serde_codecs = codecs
         .into_iter()

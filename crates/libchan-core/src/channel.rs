@@ -90,6 +90,32 @@ struct LocalSender<T> {
 pub(crate) struct Feeds {
     list: Mutex<Vec<RemoteReceiver>>,
     waker: Mutex<Option<std::task::Waker>>,
+    /// The receiver took the clean end (`Some(true)`) or was dropped first (`Some(false)`).
+    end: Mutex<Option<bool>>,
+    end_notify: tokio::sync::Notify,
+}
+
+impl Feeds {
+    fn set_end(&self, taken: bool) {
+        let mut e = self.end.lock().unwrap_or_else(|e| e.into_inner());
+        if e.is_none() {
+            *e = Some(taken);
+        }
+        drop(e);
+        self.end_notify.notify_waiters();
+    }
+
+    async fn end_taken(&self) -> bool {
+        loop {
+            let notified = self.end_notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if let Some(taken) = *self.end.lock().unwrap_or_else(|e| e.into_inner()) {
+                return taken;
+            }
+            notified.await;
+        }
+    }
 }
 
 impl Feeds {
@@ -368,6 +394,48 @@ impl<T: Message> Sender<T> {
         }
     }
 
+    /// Closes the channel (as [`close`](Sender::close)) and waits until the receiving
+    /// application has taken every message sent on it and its end: delivery
+    /// confirmation.
+    ///
+    /// `Ok(())` means the peer's application received everything, in order. Errors: the
+    /// receiver was dropped before it took the end ([`ErrorKind::Reset`], or
+    /// [`ErrorKind::Closed`] for a local channel), the connection was lost first
+    /// ([`ErrorKind::ConnectionLost`]: some messages may or may not have been taken), or
+    /// the transport cannot confirm ([`ErrorKind::Closed`]). Confirmation is per hop: a
+    /// process that relays the channel onward confirms when its relay took the messages.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), libchan_core::Error> {
+    /// let (a, b) = libchan_core::Session::mem_pair();
+    /// let tx = a.open::<u8>().await?;
+    /// let mut rx = b.accept::<u8>().await?.expect("a channel");
+    /// tx.send(1).await.map_err(|e| e.error)?;
+    /// let confirm = tokio::spawn(async move { tx.delivered().await });
+    /// assert_eq!(rx.recv().await?, Some(1));
+    /// assert_eq!(rx.recv().await?, None); // the end is taken: delivery is confirmed
+    /// confirm.await.expect("task")?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn delivered(&self) -> Result<(), Error> {
+        self.close().await;
+        match &self.inner {
+            SenderInner::Local(l) => {
+                if l.feeds.end_taken().await {
+                    Ok(())
+                } else {
+                    Err(Error::closed(
+                        "the receiver was dropped before it took everything",
+                    ))
+                }
+            }
+            SenderInner::Remote(r, _) => {
+                poll_fn(|cx| r.session.conn.poll_delivered(cx, r.id)).await
+            }
+        }
+    }
+
     /// True if both handles send on the same channel.
     ///
     /// ```
@@ -628,6 +696,7 @@ fn poll_inner<T: Message>(inner: &mut RecvInner<T>, cx: &mut Context<'_>) -> Ste
                     *done = true;
                     rx.close();
                     feeds.clear();
+                    feeds.set_end(true);
                     Poll::Ready(Ok(None))
                 }
                 Poll::Ready(Some(Item::Value(v))) => Poll::Ready(Ok(Some(v))),
@@ -669,6 +738,7 @@ impl<T> Drop for Receiver<T> {
         let taken = self.slot.lock().unwrap_or_else(|e| e.into_inner()).take();
         if let Some(RecvInner::Local { feeds, .. }) = taken {
             feeds.clear();
+            feeds.set_end(false);
         }
     }
 }

@@ -124,6 +124,15 @@ pub trait Connection: Send + Sync + fmt::Debug + 'static {
     fn poll_write(&self, cx: &mut Context<'_>, id: u32, buf: &[u8]) -> Poll<Result<usize, Error>>;
     /// Waits until everything queued on `id` has been handed to the transport.
     fn poll_flush(&self, cx: &mut Context<'_>, id: u32) -> Poll<Result<(), Error>>;
+    /// Waits until the peer's application took everything sent on channel `id` and its
+    /// clean end (the send half must have been finished). The default: a
+    /// [`Closed`](crate::ErrorKind::Closed) error, for transports that cannot tell.
+    fn poll_delivered(&self, _cx: &mut Context<'_>, id: u32) -> Poll<Result<(), Error>> {
+        Poll::Ready(Err(Error::new(
+            crate::ErrorKind::Closed,
+            format!("this transport cannot confirm delivery (stream {id})"),
+        )))
+    }
     /// Ready once the send half of `id` can no longer deliver.
     fn poll_send_closed(&self, cx: &mut Context<'_>, id: u32) -> Poll<()>;
     /// Ends the send half of `id` cleanly.

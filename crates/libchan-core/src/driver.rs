@@ -504,6 +504,10 @@ impl Connection for MuxConnection {
         self.shared.with(|m| m.poll_send_closed(cx, id))
     }
 
+    fn poll_delivered(&self, cx: &mut Context<'_>, id: u32) -> Poll<Result<(), Error>> {
+        self.shared.with(|m| m.poll_delivered(cx, id))
+    }
+
     fn finish(&self, id: u32) {
         self.shared.with(|m| m.finish(id))
     }

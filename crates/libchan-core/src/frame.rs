@@ -326,8 +326,8 @@ pub fn decode(
                 return err(format!("CREDIT payload of {} bytes, expected 4", p.len()));
             }
             let increment = p.get_u32();
-            if increment == 0 || increment > i32::MAX as u32 {
-                return err(format!("CREDIT increment {increment} outside 1..=2^31-1"));
+            if increment > i32::MAX as u32 {
+                return err(format!("CREDIT increment {increment} outside 0..=2^31-1"));
             }
             Frame::Credit { stream, increment }
         }

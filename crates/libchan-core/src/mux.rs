@@ -129,6 +129,13 @@ struct Stream {
     reset_after: bool,
     /// Received messages not yet decoded that send this (local) Sender stream back to us.
     pins: u32,
+    /// Receive half: the application took the clean end and we confirmed it (CREDIT 0).
+    end_confirmed: bool,
+    /// Send half: the peer confirmed that its application took everything and the end.
+    delivered: bool,
+    delivered_waker: Option<Waker>,
+    /// The peer reset the stream (after which delivery can no longer be confirmed).
+    reset: Option<Error>,
 }
 
 impl Stream {
@@ -161,6 +168,10 @@ impl Stream {
             in_ready: false,
             reset_after: false,
             pins: 0,
+            end_confirmed: false,
+            delivered: false,
+            delivered_waker: None,
+            reset: None,
         }
     }
 
@@ -691,6 +702,32 @@ impl Mux {
         }
     }
 
+    /// Waits until the peer confirmed that its application took every message sent on
+    /// channel `id` and its clean end (docs/PROTOCOL.md §6). The send half must have been
+    /// ended cleanly ([`finish`](Mux::finish)).
+    pub fn poll_delivered(&mut self, cx: &mut Context<'_>, id: u32) -> Poll<Result<(), Error>> {
+        let lost = self.lost.clone();
+        let Some(s) = self.streams.get_mut(&id) else {
+            return Poll::Ready(Err(Error::closed(format!(
+                "stream {id} is no longer known: delivery cannot be confirmed"
+            ))));
+        };
+        if s.delivered {
+            return Poll::Ready(Ok(()));
+        }
+        if let TxState::Failed(e) = &s.tx {
+            return Poll::Ready(Err(e.clone()));
+        }
+        if let Some(e) = &s.reset {
+            return Poll::Ready(Err(e.clone()));
+        }
+        if let Some(e) = lost {
+            return Poll::Ready(Err(e));
+        }
+        s.delivered_waker = Some(cx.waker().clone());
+        Poll::Pending
+    }
+
     /// The local handle of `id` is gone. Unsent data is still sent; an open receive half is
     /// reset so the peer stops sending.
     pub fn release(&mut self, id: u32) {
@@ -708,6 +745,18 @@ impl Mux {
         };
         s.handle = false;
         let rx_open = s.can_recv && matches!(s.rx, RxState::Open);
+        // A channel whose clean end arrived but was not taken by the application: tell the
+        // sender that delivery is not confirmed (and let an HTTP/2 stream end).
+        let unconfirmed = s.can_recv
+            && s.kind != StreamKind::Bytes
+            && matches!(s.rx, RxState::Fin)
+            && !s.end_confirmed
+            && self.lost.is_none();
+        if unconfirmed {
+            s.end_confirmed = true;
+            frame::encode_reset(&mut self.ctrl, id, Reason::CANCEL);
+            self.flush = true;
+        }
         let mut dropped = std::mem::take(&mut s.msgs);
         s.bytes.clear();
         s.buffered = 0;
@@ -827,9 +876,20 @@ impl Mux {
                 s.rx_waker = Some(cx.waker().clone());
                 return Poll::Pending;
             }
-            RxState::Fin => Poll::Ready(Ok(None)),
+            RxState::Fin => {
+                if !s.end_confirmed && s.kind != StreamKind::Bytes && lost.is_none() {
+                    // Delivery confirmation (docs/PROTOCOL.md §6): the application took
+                    // every message and the clean end.
+                    s.end_confirmed = true;
+                    frame::encode_credit(&mut self.ctrl, id, 0);
+                    self.flush = true;
+                }
+                Poll::Ready(Ok(None))
+            }
             RxState::Error(m) => {
                 s.rx = RxState::Fin;
+                // An error end is not a clean end: no confirmation.
+                s.end_confirmed = true;
                 Poll::Ready(Err(Error::new(ErrorKind::Remote, m)))
             }
             RxState::Failed(e) => Poll::Ready(Err(e)),
@@ -996,6 +1056,7 @@ impl Mux {
             }
             ws.extend(s.rx_waker.take());
             ws.extend(s.tx_waker.take());
+            ws.extend(s.delivered_waker.take());
         }
         self.wakers.extend(ws);
         self.ready.clear();
@@ -1267,6 +1328,15 @@ impl Mux {
                 let Some(s) = self.streams.get_mut(&stream) else {
                     return Ok(());
                 };
+                if increment == 0 {
+                    // Delivery confirmation: meaningful once our clean end was sent.
+                    if s.can_send && matches!(s.tx, TxState::Done) {
+                        s.delivered = true;
+                        let w = s.delivered_waker.take();
+                        self.wake(w);
+                    }
+                    return Ok(());
+                }
                 match s.credit.checked_add(increment) {
                     Some(c) if c <= i32::MAX as u32 => {
                         s.credit = c;
@@ -1295,6 +1365,7 @@ impl Mux {
                     },
                     format!("peer reset the stream ({})", reason.describe()),
                 );
+                s.reset = Some(e.clone());
                 if s.can_send && !matches!(s.tx, TxState::Done | TxState::Failed(_)) {
                     s.tx = TxState::Failed(e.clone());
                     s.queue.clear();
@@ -1305,9 +1376,14 @@ impl Mux {
                     s.rx = RxState::Failed(e);
                     s.partial = None;
                 }
-                let w = (s.tx_waker.take(), s.rx_waker.take());
+                let w = (
+                    s.tx_waker.take(),
+                    s.rx_waker.take(),
+                    s.delivered_waker.take(),
+                );
                 self.wake(w.0);
                 self.wake(w.1);
+                self.wake(w.2);
                 self.maybe_remove(stream);
                 Ok(())
             }

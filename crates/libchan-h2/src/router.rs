@@ -57,6 +57,12 @@ struct Route {
     out_ended: bool,
     in_ended: bool,
     reset: bool,
+    /// A channel's data direction ended cleanly (DATA+FIN), either way.
+    fin: bool,
+    /// A channel's data direction ended with CLOSE, either way.
+    closed: bool,
+    /// The receiver's delivery confirmation (CREDIT 0) passed, either way.
+    confirmed: bool,
     /// Our half of the HTTP/2 stream was ended.
     half_closed: bool,
     /// The peer's half of the HTTP/2 stream ended.
@@ -74,8 +80,39 @@ impl Route {
             out_ended: false,
             in_ended: false,
             reset: false,
+            fin: false,
+            closed: false,
+            confirmed: false,
             half_closed: false,
             peer_done: false,
+        }
+    }
+
+    /// Records what frame `frame` (of type `ty`) does to the stream's lifecycle; `out` if
+    /// we send it.
+    fn note(&mut self, ty: u8, flags: u8, frame: &[u8], out: bool) {
+        match FrameType(ty) {
+            FrameType::DATA if flags & FLAG_FIN != 0 => {
+                self.fin = true;
+                if out {
+                    self.out_ended = true;
+                } else {
+                    self.in_ended = true;
+                }
+            }
+            FrameType::CLOSE => {
+                self.closed = true;
+                if out {
+                    self.out_ended = true;
+                } else {
+                    self.in_ended = true;
+                }
+            }
+            FrameType::RESET => self.reset = true,
+            FrameType::CREDIT if frame.get(HEADER_LEN..HEADER_LEN + 4) == Some(&[0; 4][..]) => {
+                self.confirmed = true;
+            }
+            _ => {}
         }
     }
 
@@ -85,7 +122,9 @@ impl Route {
     fn done(&self) -> bool {
         self.reset
             || match self.kind {
-                1 | 2 => self.out_ended || self.in_ended,
+                // A channel's stream also carries the receiver's delivery confirmation
+                // (CREDIT 0, docs/PROTOCOL.md §6) after a clean end.
+                1 | 2 => self.closed || (self.fin && self.confirmed),
                 3 => self.out_ended && self.in_ended,
                 _ => false,
             }
@@ -263,13 +302,8 @@ impl Router {
         if route.half_closed {
             return;
         }
+        route.note(ty, flags, &frame, true);
         route.out.push(frame);
-        match FrameType(ty) {
-            FrameType::DATA if flags & FLAG_FIN != 0 => route.out_ended = true,
-            FrameType::CLOSE => route.out_ended = true,
-            FrameType::RESET => route.reset = true,
-            _ => {}
-        }
         self.settle(st, id);
     }
 
@@ -337,12 +371,7 @@ impl Router {
                 if !*route.known.borrow() {
                     return Ok(Admit::Wait(route.known.subscribe()));
                 }
-                match FrameType(ty) {
-                    FrameType::DATA if flags & FLAG_FIN != 0 => route.in_ended = true,
-                    FrameType::CLOSE => route.in_ended = true,
-                    FrameType::RESET => route.reset = true,
-                    _ => {}
-                }
+                route.note(ty, flags, frame, false);
                 self.settle(&mut st, s);
                 Ok(Admit::Forward(None))
             }

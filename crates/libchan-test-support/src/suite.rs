@@ -818,3 +818,44 @@ pub async fn backpressure_bounds_memory(pair: Arc<PairFn>, _caps: Caps) {
         assert_eq!(recv(&mut rx).await.seq, i);
     }
 }
+
+/// `Sender::delivered` returns once the receiving application took every message and the
+/// end, not before; and fails (it does not hang) when the receiver is dropped first.
+pub async fn delivery_confirmation(pair: Arc<PairFn>, _caps: Caps) {
+    let (a, b) = pair().await;
+    let (tx, mut rx) = open_pair::<Msg>(&a, &b).await;
+    let (done_tx, mut done_rx) = tokio::sync::oneshot::channel();
+    let confirm = tokio::spawn(async move {
+        for i in 0..100 {
+            send(&tx, msg(i, 1000)).await;
+        }
+        let r = tx.delivered().await;
+        let _ = done_tx.send(());
+        r
+    });
+    for i in 0..100 {
+        assert_eq!(recv(&mut rx).await.seq, i);
+        // Not confirmed while messages (or the end) remain to be taken.
+        assert!(
+            done_rx.try_recv().is_err(),
+            "confirmed before message {i} was taken"
+        );
+    }
+    assert!(within("end", rx.recv()).await.expect("end").is_none());
+    within("confirmation", confirm)
+        .await
+        .expect("task")
+        .expect("delivered");
+
+    // A receiver dropped before the end: an error, promptly.
+    let (tx, rx) = open_pair::<Msg>(&a, &b).await;
+    send(&tx, msg(0, 10)).await;
+    drop(rx);
+    let e = within("failed confirmation", tx.delivered())
+        .await
+        .expect_err("the receiver was dropped");
+    assert!(
+        matches!(e.kind(), ErrorKind::Reset | ErrorKind::Closed),
+        "{e}"
+    );
+}
