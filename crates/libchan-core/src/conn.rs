@@ -133,6 +133,12 @@ pub trait Connection: Send + Sync + fmt::Debug + 'static {
             format!("this transport cannot confirm delivery (stream {id})"),
         )))
     }
+    /// Ready once the connection ended, gracefully (both sides closed and every stream
+    /// finished) or not. The default is ready at once: transports that cannot tell do not
+    /// make [`Session::drain`](crate::Session::drain) wait.
+    fn poll_ended(&self, _cx: &mut Context<'_>) -> Poll<()> {
+        Poll::Ready(())
+    }
     /// Ready once the send half of `id` can no longer deliver.
     fn poll_send_closed(&self, cx: &mut Context<'_>, id: u32) -> Poll<()>;
     /// Ends the send half of `id` cleanly.

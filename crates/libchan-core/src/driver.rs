@@ -508,6 +508,10 @@ impl Connection for MuxConnection {
         self.shared.with(|m| m.poll_delivered(cx, id))
     }
 
+    fn poll_ended(&self, cx: &mut Context<'_>) -> Poll<()> {
+        self.shared.with(|m| m.poll_ended(cx))
+    }
+
     fn finish(&self, id: u32) {
         self.shared.with(|m| m.finish(id))
     }

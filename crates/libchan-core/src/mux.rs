@@ -216,6 +216,8 @@ pub struct Mux {
     local_open: u32,
     accept_q: VecDeque<u32>,
     accept_waker: Option<Waker>,
+    /// Tasks waiting for the connection to end (`poll_ended`).
+    ended_wakers: Vec<Waker>,
     handshake_waker: Option<Waker>,
     ctrl: BytesMut,
     ready: VecDeque<u32>,
@@ -279,6 +281,7 @@ impl Mux {
             local_open: 0,
             accept_q: VecDeque::new(),
             accept_waker: None,
+            ended_wakers: Vec::new(),
             handshake_waker: None,
             ctrl,
             ready: VecDeque::new(),
@@ -1027,6 +1030,17 @@ impl Mux {
         self.goaway_sent && self.streams.is_empty() && self.ctrl.is_empty()
     }
 
+    /// Ready once the connection ended (gracefully or not).
+    pub fn poll_ended(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.lost.is_some() {
+            return Poll::Ready(());
+        }
+        if !self.ended_wakers.iter().any(|w| w.will_wake(cx.waker())) {
+            self.ended_wakers.push(cx.waker().clone());
+        }
+        Poll::Pending
+    }
+
     /// True if GOAWAY was sent or received.
     pub fn is_closing(&self) -> bool {
         self.goaway_sent || self.goaway_received
@@ -1043,6 +1057,9 @@ impl Mux {
         self.wake(w);
         let w = self.handshake_waker.take();
         self.wake(w);
+        for w in std::mem::take(&mut self.ended_wakers) {
+            self.wake(Some(w));
+        }
         let mut ws = Vec::new();
         for s in self.streams.values_mut() {
             if matches!(s.rx, RxState::Open) && s.can_recv {

@@ -252,6 +252,40 @@ impl Session {
         }
     }
 
+    /// Graceful shutdown with a deadline: [`close`](Session::close) (no new channels
+    /// either way), then waits until the channels already open have finished on both sides
+    /// and the connection ended. If that takes longer than `timeout`, the session is
+    /// [aborted](Session::abort) and the error (kind [`Closed`](ErrorKind::Closed)) says how
+    /// many streams were still open.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), libchan_core::Error> {
+    /// let (a, _b) = libchan_core::Session::mem_pair();
+    /// a.drain(std::time::Duration::from_secs(5)).await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn drain(&self, timeout: std::time::Duration) -> Result<(), Error> {
+        self.close();
+        let Kind::Net(n) = &self.inner else {
+            return Ok(());
+        };
+        let ended = std::future::poll_fn(|cx| n.conn.poll_ended(cx));
+        match tokio::time::timeout(timeout, ended).await {
+            Ok(()) => Ok(()),
+            Err(_) => {
+                let open = n.conn.stats().streams;
+                n.conn.abort();
+                Err(Error::new(
+                    ErrorKind::Closed,
+                    format!(
+                        "drain did not finish within {timeout:?} ({open} streams still open); the session was aborted"
+                    ),
+                ))
+            }
+        }
+    }
+
     /// Drops the connection now. Pending operations here fail with a
     /// [`Closed`](ErrorKind::Closed) error; the peer sees a lost connection.
     pub fn abort(&self) {

@@ -1,0 +1,63 @@
+//! Graceful shutdown over real sockets: `Session::drain` lets channels already open
+//! finish, refuses new ones, and returns once the connection ended; past its deadline it
+//! aborts and says how many streams were still open.
+
+use std::time::Duration;
+
+use libchan::ErrorKind;
+use libchan_test_support::within;
+
+async fn tcp_pair() -> (libchan::Session, libchan::Session) {
+    libchan_test_support::tcp_pair(libchan::config()).await
+}
+
+#[tokio::test]
+async fn drain_lets_open_channels_finish_then_ends_the_connection() {
+    let (a, b) = tcp_pair().await;
+    let tx = a.open::<u32>().await.unwrap();
+    let mut rx = within("accept", b.accept::<u32>()).await.unwrap().unwrap();
+    let reader = tokio::spawn(async move {
+        let mut got = Vec::new();
+        while let Some(v) = rx.recv().await.unwrap() {
+            got.push(v);
+        }
+        got
+    });
+    let drain = {
+        let a = a.clone();
+        tokio::spawn(async move { a.drain(Duration::from_secs(60)).await })
+    };
+    // New channels are refused once draining (`drain` starts with `close`, as here); the
+    // open one keeps working.
+    a.close();
+    let e = a.open::<u32>().await.unwrap_err();
+    assert!(e.is_closed(), "{e}");
+    for i in 0..1000 {
+        tx.send(i).await.map_err(|e| e.error).unwrap();
+    }
+    drop(tx);
+    assert_eq!(
+        within("reader", reader).await.unwrap(),
+        (0..1000).collect::<Vec<_>>()
+    );
+    within("drain", drain).await.unwrap().unwrap();
+    // The connection is over on both sides, gracefully.
+    let r = within("accept after drain", b.accept::<u32>()).await;
+    assert!(matches!(r, Ok(None)), "{r:?}");
+    assert_eq!(a.error().map(|e| e.kind()), Some(ErrorKind::Closed));
+}
+
+#[tokio::test]
+async fn drain_past_its_deadline_aborts_and_says_what_was_open() {
+    let (a, b) = tcp_pair().await;
+    let _tx = a.open::<u32>().await.unwrap();
+    // The peer holds the channel open and never finishes it.
+    let mut rx = within("accept", b.accept::<u32>()).await.unwrap().unwrap();
+    let e = within("drain", a.drain(Duration::from_millis(200)))
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Closed, "{e}");
+    assert!(e.to_string().contains("1 streams still open"), "{e}");
+    let e = within("peer sees the abort", rx.recv()).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::ConnectionLost, "{e}");
+}
