@@ -8,7 +8,9 @@ use std::process::Stdio;
 use libchan_core::{ByteStream, Config, ErrorKind, Session};
 use libchan_test_support::within;
 use serde::{Deserialize, Serialize};
-use tokio::io::AsyncReadExt;
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, AsyncReadExt};
 
 #[derive(Serialize, Deserialize)]
 enum Feed {
@@ -116,4 +118,95 @@ async fn a_peer_killed_mid_stream_over_tcp() {
     let child = spawn("tcp", &listener.local_addr().expect("addr").to_string());
     let session = within("connect", listener.accept()).await.expect("accept");
     killed_mid_stream(session, child).await;
+}
+
+fn signal(pid: i32, sig: i32) {
+    // SAFETY: kill(2) on our own child's pid; it only sends a signal.
+    let rc = unsafe { libc::kill(pid, sig) };
+    assert_eq!(
+        rc,
+        0,
+        "kill({pid}, {sig}): {}",
+        std::io::Error::last_os_error()
+    );
+}
+
+/// Resident memory of this process, from /proc.
+fn rss_bytes() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").expect("status");
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS");
+    kb * 1024
+}
+
+/// A peer process that accepts a channel and never reads: the sender is held back by
+/// credit (its memory stays bounded, measured), and once the peer process is stopped
+/// (SIGSTOP: no FIN, no RST, nothing) keepalive ends the session within its interval and
+/// the pending send fails with an error that says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_stops_reading_then_freezes() {
+    let config = Config::new(libchan_codec_cbor::Cbor).keepalive(Duration::from_millis(500));
+    let listener = libchan_tcp::TcpListener::bind("127.0.0.1:0", config)
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr").to_string();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_stream-peer"))
+        .args(["tcp", &addr, "sink"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn stream-peer");
+    let session = within("connect", listener.accept()).await.expect("accept");
+    let tx = session.open::<Vec<u8>>().await.expect("open");
+    let mut out = tokio::io::BufReader::new(child.stdout.take().expect("stdout"));
+    let mut line = String::new();
+    within("peer accepted", out.read_line(&mut line))
+        .await
+        .expect("read");
+    assert_eq!(line.trim(), "accepted");
+
+    // Fill until the channel pushes back; count what left this process.
+    let before = rss_bytes();
+    let chunk = vec![1u8; 1 << 20];
+    let mut sent = 0usize;
+    within("backpressure", async {
+        loop {
+            match tx.try_send(chunk.clone()) {
+                Ok(()) => sent += 1,
+                Err(libchan_core::TrySendError::Full(_)) => break,
+                Err(libchan_core::TrySendError::Failed(e)) => panic!("send failed: {}", e.error),
+            }
+            // Let the writer task move queued data to the socket.
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    let grown = rss_bytes().saturating_sub(before);
+    eprintln!(
+        "stopped reader: {sent} MiB accepted by try_send before backpressure; RSS grew {} KiB",
+        grown / 1024
+    );
+    // Bounded by the peer's window plus one queued message, not by what we tried to send;
+    // the bound here is generous (allocator slack), the figure is in the output above.
+    assert!(
+        sent <= 4,
+        "{sent} messages of 1 MiB accepted without a reader"
+    );
+    assert!(grown < 64 << 20, "RSS grew {grown} bytes");
+
+    // Freeze the peer: it answers nothing any more, and the connection is not closed.
+    let pid = child.id().expect("pid") as i32;
+    signal(pid, libc::SIGSTOP);
+    let e = within("keepalive", tx.send(chunk))
+        .await
+        .expect_err("frozen peer")
+        .error;
+    assert_eq!(e.kind(), ErrorKind::ConnectionLost, "{e}");
+    assert!(e.message().contains("keepalive"), "{e}");
+    signal(pid, libc::SIGKILL);
+    let _ = child.wait().await;
 }

@@ -1,6 +1,9 @@
 //! A separate process for the fault tests: it connects (`unix PATH` or `tcp ADDR`), opens a
 //! channel, and sends without end: first a message carrying a byte stream it keeps writing
 //! to, then numbered messages, with a 32 MiB message every 1,000. The test kills it.
+//!
+//! With a third argument `sink`, it instead accepts one channel of byte buffers and never
+//! reads from it (a consumer that stopped); the test stops or kills it.
 
 use libchan_core::{pipe, ByteStream, Config};
 use serde::{Deserialize, Serialize};
@@ -25,6 +28,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         "unix" => libchan_unix::connect(&target, &config).await?,
         _ => libchan_tcp::connect(target.as_str(), &config).await?,
     };
+    if args.next().as_deref() == Some("sink") {
+        let _held = session.accept::<Vec<u8>>().await?;
+        println!("accepted");
+        std::future::pending::<()>().await;
+    }
     let feed = session.open::<Feed>().await?;
     let (mut mine, theirs) = pipe();
     feed.send(Feed::Stream(theirs)).await.map_err(|e| e.error)?;
