@@ -134,21 +134,19 @@ async fn run(
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-    let config = libchan::config();
     run("mem", Session::mem_pair()).await?;
 
+    // The same code over sockets, addressed by URL (`libchan::listen` / `connect`).
     let dir = std::env::temp_dir().join(format!("libchan-demo-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
-    let path = dir.join("demo.sock");
-    let listener = libchan::unix::UnixListener::bind(&path, config.clone())?;
-    let (a, b) = tokio::join!(libchan::unix::connect(&path, &config), listener.accept());
-    run("unix", (a?, b?)).await?;
+    let unix = format!("unix://{}", dir.join("demo.sock").display());
+    for url in [unix.as_str(), "tcp://127.0.0.1:0"] {
+        let listener = libchan::listen(url).await?;
+        let local = listener.local_url();
+        let (a, b) = tokio::join!(libchan::connect(&local), listener.accept());
+        run(url.split(':').next().unwrap_or(url), (a?, b?)).await?;
+    }
     std::fs::remove_dir_all(&dir).ok();
-
-    let listener = libchan::tcp::TcpListener::bind("127.0.0.1:0", config.clone()).await?;
-    let addr = listener.local_addr()?;
-    let (a, b) = tokio::join!(libchan::tcp::connect(addr, &config), listener.accept());
-    run("tcp", (a?, b?)).await?;
 
     std::fs::remove_file(file_path()).ok();
     Ok(())

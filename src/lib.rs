@@ -30,6 +30,14 @@
 //! # Ok(()) }
 //! ```
 //!
+//! ## Addressing by URL
+//!
+//! [`listen`] and [`connect`] take `unix:///path`, `tcp://host:port`, `tls://host:port`,
+//! `http://` and `https://host:port/path` (HTTP/2, with the WebSocket fallback on request)
+//! and `ws://` / `wss://`; [`Options`] adds what a URL does not say (codec and limits,
+//! TLS, credentials, keepalive). A URL whose transport is not compiled in is an error that
+//! names the feature to enable. docs/GUIDE.md shows the common patterns.
+//!
 //! ## Crate features
 //!
 //! Each is additive. On by default:
@@ -43,7 +51,8 @@
 //! * `tls` — the TLS transport (`tls`, `libchan-tls`: rustls with the *ring* provider,
 //!   mutual TLS, the peer's verified identity on the session).
 //! * `h2` — the HTTP/2 transport (`h2`, `libchan-h2`: one HTTP/2 stream per channel, h2c
-//!   and TLS, an `Endpoint` to mount in an existing hyper server).
+//!   and TLS, an `Endpoint` to mount in an existing hyper server); turns on `tls` and `ws`,
+//!   which it is built on.
 //! * `ws` — the WebSocket transport (`ws`, `libchan-ws`: ws and wss).
 //! * `json` — the JSON codec (`json`, `libchan-codec-json`).
 //! * `msgpack` — the MessagePack codec (`msgpack`, `libchan-codec-msgpack`).
@@ -86,6 +95,11 @@ pub use libchan_unix as unix;
 /// The WebSocket transport.
 #[cfg(feature = "ws")]
 pub use libchan_ws as ws;
+
+mod url;
+#[cfg(feature = "cbor")]
+pub use url::{connect, listen};
+pub use url::{Listener, Options};
 
 /// The default configuration: the CBOR codec and default limits.
 ///
