@@ -96,6 +96,7 @@ pub use libchan_unix as unix;
 #[cfg(feature = "ws")]
 pub use libchan_ws as ws;
 
+pub mod gateway;
 mod url;
 #[cfg(feature = "cbor")]
 pub use url::{connect, listen};
