@@ -61,3 +61,24 @@ async fn drain_past_its_deadline_aborts_and_says_what_was_open() {
     let e = within("peer sees the abort", rx.recv()).await.unwrap_err();
     assert_eq!(e.kind(), ErrorKind::ConnectionLost, "{e}");
 }
+
+/// Regression: the last stream of a closing session going away (here: a receiver dropped
+/// after the peer's error end) must wake the connection's writer to shut it; the drain
+/// used to wait forever.
+#[tokio::test]
+async fn drain_ends_when_the_last_stream_is_released_later() {
+    let (a, b) = tcp_pair().await;
+    let tx = b.open::<u32>().await.unwrap();
+    let mut rx = within("accept", a.accept::<u32>()).await.unwrap().unwrap();
+    a.close();
+    let drain = {
+        let a = a.clone();
+        tokio::spawn(async move { a.drain(Duration::from_secs(60)).await })
+    };
+    tx.send(1).await.map_err(|e| e.error).unwrap();
+    tx.close_with_error("done badly").await;
+    assert_eq!(within("1", rx.recv()).await.unwrap(), Some(1));
+    assert!(within("error", rx.recv()).await.unwrap_err().is_remote());
+    drop(rx);
+    within("drain", drain).await.unwrap().unwrap();
+}

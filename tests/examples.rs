@@ -61,7 +61,10 @@ async fn gateway_in_front_of_redis() {
         out.contains("unix gateway (fd passed): SET -> OK, GET -> unix gateway (fd passed)"),
         "{out}"
     );
-    assert!(out.contains("tcp gateway (byte stream): SET -> OK"), "{out}");
+    assert!(
+        out.contains("tcp gateway (byte stream): SET -> OK"),
+        "{out}"
+    );
     assert_eq!(out.matches("requests per second").count(), 8, "{out}");
 }
 

@@ -840,6 +840,11 @@ impl Mux {
             } else {
                 self.peer_open -= 1;
             }
+            if self.goaway_sent && self.streams.is_empty() {
+                // The last stream of a closing session is gone: wake the writer so that
+                // it shuts the connection (`is_drained`).
+                self.flush = true;
+            }
         }
     }
 
