@@ -75,3 +75,54 @@ async fn demo() {
         assert!(out.contains(&format!("{transport}] codec=")), "{out}");
     }
 }
+
+/// Remote commands over tcp and mutual TLS: 8 at once, exit codes, stderr, a missing
+/// program.
+#[cfg(feature = "tls")]
+#[tokio::test]
+async fn rexec() {
+    let out = run("rexec", &[]).await;
+    for t in ["tcp", "tls"] {
+        assert!(
+            out.contains(&format!(
+                "[{t}] 8 concurrent `wc -l` of 1000 lines: all 1000, exit 0"
+            )),
+            "{out}"
+        );
+        assert!(
+            out.contains(&format!(
+                "[{t}] sh: stdout \"out\", stderr \"err\", status Ok(3)"
+            )),
+            "{out}"
+        );
+        assert!(
+            out.contains(&format!("[{t}] missing program: Err(")),
+            "{out}"
+        );
+    }
+    assert!(
+        out.contains("[tls] client certificate names Some(\"rexec-client\")"),
+        "{out}"
+    );
+}
+
+/// Three workers pull 30 jobs; every reply is right.
+#[tokio::test]
+async fn workers() {
+    let out = run("workers", &[]).await;
+    assert!(out.contains("30 jobs done, all sums right"), "{out}");
+}
+
+/// Events through a subscriber's Sender and through a server-made Receiver.
+#[tokio::test]
+async fn events() {
+    let out = run("events", &[]).await;
+    assert!(
+        out.contains("via our Sender (subscribe): [0, 1, 2, 3, 4]"),
+        "{out}"
+    );
+    assert!(
+        out.contains("via the server's Receiver (watch): [0, 1, 2, 3, 4]"),
+        "{out}"
+    );
+}
