@@ -18,6 +18,35 @@
 //! A stream entry is removed once the local handle is released and both halves are over.
 
 use std::collections::{HashMap, VecDeque};
+use std::hash::{BuildHasherDefault, Hasher};
+
+/// Hashes stream ids (u32) with one multiplication (Fibonacci hashing) instead of SipHash:
+/// the stream tables are looked up several times per message. Ids come from the peer, but
+/// a table holds at most `max_streams` peer streams, so colliding ids cost at most that
+/// many probes per lookup.
+#[derive(Default, Clone, Copy)]
+struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+
+    fn write_u32(&mut self, n: u32) {
+        // The product's high half is well mixed; fold it into the low bits, which pick
+        // the bucket (ids of one side are all odd or all even).
+        let h = u64::from(n).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        self.0 = h ^ (h >> 32);
+    }
+}
+
+type IdMap<V> = HashMap<u32, V, BuildHasherDefault<IdHasher>>;
 use std::os::fd::OwnedFd;
 use std::task::{Context, Poll, Waker};
 
@@ -209,7 +238,7 @@ pub struct Mux {
     goaway_received: bool,
     /// A GOAWAY without error was sent or received: accept ends with `Ok(None)`.
     clean_goaway: bool,
-    streams: HashMap<u32, Stream>,
+    streams: IdMap<Stream>,
     next_local: u32,
     last_peer: u32,
     peer_open: u32,
@@ -230,7 +259,7 @@ pub struct Mux {
     budget: Budget,
     /// Streams the peer opened for a message on a channel (the key) and that no decoded
     /// message claimed yet. Released when that channel is over: nothing can claim them.
-    orphans: HashMap<u32, Vec<u32>>,
+    orphans: IdMap<Vec<u32>>,
 }
 
 impl std::fmt::Debug for Mux {
@@ -274,7 +303,7 @@ impl Mux {
             goaway_sent: false,
             goaway_received: false,
             clean_goaway: false,
-            streams: HashMap::new(),
+            streams: IdMap::default(),
             next_local: role.first_id(),
             last_peer: 0,
             peer_open: 0,
@@ -296,7 +325,7 @@ impl Mux {
                 priority: None,
                 starved: Vec::new(),
             },
-            orphans: HashMap::new(),
+            orphans: IdMap::default(),
         }
     }
 
