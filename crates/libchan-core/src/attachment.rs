@@ -189,7 +189,7 @@ impl Attachment {
             let mut i = 0usize;
             while i < ctx.refs.len() {
                 if !ctx.used[i] {
-                    out.push(claim(ctx, i as u32).map_err(Error::decode)?);
+                    out.push(claim(ctx, i as u32, None).map_err(Error::decode)?);
                 }
                 i += 1;
             }
@@ -204,8 +204,13 @@ impl Attachment {
     }
 }
 
-/// Claims reference `index` of the message being decoded, whatever its kind.
-fn claim(ctx: &mut DecodeCtx<'_>, index: u32) -> Result<Attachment, String> {
+/// Claims reference `index` of the message being decoded: of any kind, or only of the
+/// `allowed` kinds (the typed ends' deserializers use this too).
+pub(crate) fn claim(
+    ctx: &mut DecodeCtx<'_>,
+    index: u32,
+    allowed: Option<&[RefKind]>,
+) -> Result<Attachment, String> {
     let kind = ctx
         .refs
         .get(index as usize)
@@ -216,6 +221,13 @@ fn claim(ctx: &mut DecodeCtx<'_>, index: u32) -> Result<Attachment, String> {
                 ctx.refs.len()
             )
         })?;
+    if let Some(allowed) = allowed {
+        if !allowed.contains(&kind) {
+            return Err(format!(
+                "reference {index} is a {kind:?}, expected {allowed:?}"
+            ));
+        }
+    }
     let inner = match kind {
         RefKind::Sender => {
             let r = ctx.take(index, &[RefKind::Sender])?;
@@ -288,6 +300,26 @@ fn claim(ctx: &mut DecodeCtx<'_>, index: u32) -> Result<Attachment, String> {
     Ok(Attachment { inner })
 }
 
+/// Reads a reference and claims it as one of `kinds`, then types it with `into`.
+pub(crate) fn claim_typed<'de, D: Deserializer<'de>, R>(
+    d: D,
+    what: &str,
+    kinds: &[RefKind],
+    into: impl FnOnce(Attachment) -> Result<R, Error>,
+) -> Result<R, D::Error> {
+    let Some(codec) = with_decode(|ctx| ctx.session.codec.clone()) else {
+        return Err(D::Error::custom(format!(
+            "a libchan {what} can only be deserialized by a libchan receive"
+        )));
+    };
+    let mut erased = <dyn erased_serde::Deserializer>::erase(d);
+    let index = codec.read_ref(&mut erased).map_err(D::Error::custom)?;
+    let a = with_decode(|ctx| claim(ctx, index, Some(kinds)))
+        .unwrap_or_else(|| Err("libchan decode context missing".to_owned()))
+        .map_err(D::Error::custom)?;
+    into(a).map_err(|e| D::Error::custom(e.message()))
+}
+
 impl<'de> Deserialize<'de> for Attachment {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let Some(codec) = with_decode(|ctx| ctx.session.codec.clone()) else {
@@ -297,7 +329,7 @@ impl<'de> Deserialize<'de> for Attachment {
         };
         let mut erased = <dyn erased_serde::Deserializer>::erase(d);
         let index = codec.read_ref(&mut erased).map_err(D::Error::custom)?;
-        with_decode(|ctx| claim(ctx, index))
+        with_decode(|ctx| claim(ctx, index, None))
             .unwrap_or_else(|| Err("libchan decode context missing".to_owned()))
             .map_err(D::Error::custom)
     }

@@ -9,17 +9,13 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
-use serde::de::Error as _;
 use serde::ser::Error as _;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::error::{Error, ErrorKind, SendError, TrySendError};
-use crate::frame::StreamKind;
 use crate::message::{OutRef, RefKind, WireRef};
-use crate::session::{
-    decode_message, encode_message, with_decode, with_encode, Attach, Message, NetSession,
-};
+use crate::session::{decode_message, encode_message, with_encode, Attach, Message, NetSession};
 
 pub(crate) enum Item<T> {
     Value(T),
@@ -827,30 +823,7 @@ impl<T: Message> Serialize for Sender<T> {
 
 impl<'de, T: Message> Deserialize<'de> for Sender<T> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let ctx_codec = with_decode(|ctx| ctx.session.codec.clone());
-        let Some(codec) = ctx_codec else {
-            return outside("Sender", |m| Err(D::Error::custom(m)));
-        };
-        let mut erased = <dyn erased_serde::Deserializer>::erase(d);
-        let index = codec.read_ref(&mut erased).map_err(D::Error::custom)?;
-        with_decode(|ctx| -> Result<Self, String> {
-            let r = ctx.take(index, &[RefKind::Sender])?;
-            if ctx.session.conn.is_local(r.id) {
-                return ctx.session.exported_sender::<T>(r.id).ok_or_else(|| {
-                    format!(
-                        "reference to our stream {} is not a Sender of this type",
-                        r.id
-                    )
-                });
-            }
-            ctx.session
-                .conn
-                .claim(ctx.parent, r.id, StreamKind::OpenerReceives)
-                .map_err(|e| e.message().to_owned())?;
-            Ok(Sender::remote(ctx.session.clone(), r.id))
-        })
-        .unwrap_or_else(|| Err("libchan decode context missing".to_owned()))
-        .map_err(D::Error::custom)
+        crate::attachment::claim_typed(d, "Sender", &[RefKind::Sender], |a| a.into_sender::<T>())
     }
 }
 
@@ -900,42 +873,12 @@ impl<T: Message> Serialize for Receiver<T> {
 
 impl<'de, T: Message> Deserialize<'de> for Receiver<T> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let Some(codec) = with_decode(|ctx| ctx.session.codec.clone()) else {
-            return outside("Receiver", |m| Err(D::Error::custom(m)));
-        };
-        let mut erased = <dyn erased_serde::Deserializer>::erase(d);
-        let index = codec.read_ref(&mut erased).map_err(D::Error::custom)?;
-        with_decode(|ctx| -> Result<Self, String> {
-            let r = ctx.take(index, &[RefKind::Receiver, RefKind::ReturnedReceiver])?;
-            if r.kind == RefKind::Receiver {
-                ctx.session
-                    .conn
-                    .claim(ctx.parent, r.id, StreamKind::OpenerSends)
-                    .map_err(|e| e.message().to_owned())?;
-                return Ok(Receiver::remote(ctx.session.clone(), r.id));
-            }
-            if !ctx.session.conn.is_local(r.id) {
-                return Err(format!(
-                    "returned Receiver names stream {}, which is not ours",
-                    r.id
-                ));
-            }
-            let next = index
-                .checked_add(1)
-                .ok_or_else(|| "returned Receiver is the last reference".to_owned())?;
-            let rest_ref = ctx.take(next, &[RefKind::Receiver])?;
-            ctx.session
-                .conn
-                .claim(ctx.parent, rest_ref.id, StreamKind::OpenerSends)
-                .map_err(|e| e.message().to_owned())?;
-            let first = RemoteReceiver {
-                session: ctx.session.clone(),
-                id: rest_ref.id,
-            };
-            Ok(Receiver::returned(first, r.id))
-        })
-        .unwrap_or_else(|| Err("libchan decode context missing".to_owned()))
-        .map_err(D::Error::custom)
+        crate::attachment::claim_typed(
+            d,
+            "Receiver",
+            &[RefKind::Receiver, RefKind::ReturnedReceiver],
+            |a| a.into_receiver::<T>(),
+        )
     }
 }
 

@@ -424,11 +424,6 @@ impl NetSession {
         }
     }
 
-    pub(crate) fn exported_sender<T: Message>(&self, id: u32) -> Option<Sender<T>> {
-        self.exported_sender_any(id)
-            .and_then(|s| s.downcast_ref::<Sender<T>>().cloned())
-    }
-
     /// The Sender exported on stream `id`, untyped.
     pub(crate) fn exported_sender_any(&self, id: u32) -> Option<ExportedSender> {
         self.origins

@@ -7,14 +7,13 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
-use serde::de::Error as _;
 use serde::ser::Error as _;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use tokio::io::{AsyncRead, AsyncWrite, DuplexStream, ReadBuf};
 
 use crate::frame::StreamKind;
 use crate::message::{OutRef, RefKind, WireRef};
-use crate::session::{with_decode, with_encode, Attach, NetSession};
+use crate::session::{with_encode, Attach, NetSession};
 
 /// Creates a connected pair of local byte streams.
 ///
@@ -198,28 +197,10 @@ impl Serialize for ByteStream {
     }
 }
 
-fn decode_ref<'de, D: Deserializer<'de>, R>(
-    d: D,
-    what: &str,
-    f: impl FnOnce(&mut crate::session::DecodeCtx<'_>, u32) -> Result<R, String>,
-) -> Result<R, D::Error> {
-    let Some(codec) = with_decode(|ctx| ctx.session.codec.clone()) else {
-        return Err(D::Error::custom(format!(
-            "a libchan {what} can only be deserialized by a libchan receive"
-        )));
-    };
-    let mut erased = <dyn erased_serde::Deserializer>::erase(d);
-    let index = codec.read_ref(&mut erased).map_err(D::Error::custom)?;
-    with_decode(|ctx| f(ctx, index))
-        .unwrap_or_else(|| Err("libchan decode context missing".to_owned()))
-        .map_err(D::Error::custom)
-}
-
 impl<'de> Deserialize<'de> for ByteStream {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        decode_ref(d, "ByteStream", |ctx, index| {
-            let r = ctx.take(index, &[RefKind::ByteStream])?;
-            claim_bytes(ctx, r)
+        crate::attachment::claim_typed(d, "ByteStream", &[RefKind::ByteStream], |a| {
+            a.into_byte_stream()
         })
     }
 }
@@ -404,19 +385,7 @@ impl Serialize for Fd {
 
 impl<'de> Deserialize<'de> for Fd {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        decode_ref(d, "Fd", |ctx, index| {
-            let r = ctx.take(index, &[RefKind::Fd, RefKind::FdStream])?;
-            if r.kind == RefKind::Fd {
-                let fd = ctx
-                    .fds
-                    .get_mut(r.id as usize)
-                    .and_then(Option::take)
-                    .ok_or_else(|| format!("descriptor {} missing or used twice", r.id))?;
-                Ok(Fd::new(fd))
-            } else {
-                Ok(Fd::from_inner(FdInner::Stream(claim_bytes(ctx, r)?)))
-            }
-        })
+        crate::attachment::claim_typed(d, "Fd", &[RefKind::Fd, RefKind::FdStream], |a| a.into_fd())
     }
 }
 
