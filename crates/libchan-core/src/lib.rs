@@ -67,7 +67,11 @@
 //!   drops, messages already received are still delivered, then every receive, send and
 //!   accept fails with [`ErrorKind::ConnectionLost`]; messages still in flight are lost and
 //!   a successful `send` does not mean the peer received the message
-//!   ([`Sender::flush`] says it left this process).
+//!   ([`Sender::flush`] says it left this process). [`Sender::delivered`] closes a
+//!   channel and returns only once the receiving application took every message and the
+//!   end; if it fails, some of the messages may have been taken and some not.
+//! * **Shutdown**: [`Session::close`] stops new channels both ways while open ones finish;
+//!   [`Session::drain`] waits for that, with a deadline after which it aborts.
 //!
 //! ## Cancel safety
 //!
