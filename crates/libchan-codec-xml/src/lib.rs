@@ -68,7 +68,7 @@ impl Codec for Xml {
     }
 
     fn encode(&self, value: &dyn erased_serde::Serialize, out: &mut Vec<u8>) -> Result<(), Error> {
-        erased_serde::serialize(value, &mut Writer { out })
+        erased_serde::serialize(value, &mut Writer { out, in_ref: false })
             .map_err(|e| Error::new(ErrorKind::Encode, format!("xml: {e}")))
     }
 
@@ -146,6 +146,8 @@ impl de::Error for XmlError {
 
 struct Writer<'a> {
     out: &'a mut Vec<u8>,
+    /// Inside a reference marker: its integer is written bare, as `<ref>`'s text.
+    in_ref: bool,
 }
 
 /// True for characters XML 1.0 cannot carry, not even as a character reference.
@@ -269,7 +271,11 @@ impl<'a, 'o> Serializer for &'a mut Writer<'o> {
         self.serialize_u64(v.into())
     }
     fn serialize_u64(self, v: u64) -> R {
-        self.leaf("int", &v.to_string());
+        if self.in_ref {
+            self.out.extend_from_slice(v.to_string().as_bytes());
+        } else {
+            self.leaf("int", &v.to_string());
+        }
         Ok(())
     }
     fn serialize_u128(self, v: u128) -> R {
@@ -322,12 +328,13 @@ impl<'a, 'o> Serializer for &'a mut Writer<'o> {
     }
     fn serialize_newtype_struct<T: ?Sized + Serialize>(self, name: &'static str, v: &T) -> R {
         if name == REF_NAME {
-            let mut index = RefIndex(None);
-            v.serialize(&mut index)?;
-            let i = index
-                .0
-                .ok_or_else(|| XmlError("bad reference marker".into()))?;
-            self.leaf("ref", &i.to_string());
+            // Only this codec's own marker uses the name; it holds a u32.
+            self.open("ref");
+            self.in_ref = true;
+            let r = v.serialize(&mut *self);
+            self.in_ref = false;
+            r?;
+            self.close("ref");
             return Ok(());
         }
         v.serialize(self)
@@ -403,138 +410,6 @@ impl<'a, 'o> Serializer for &'a mut Writer<'o> {
             close: &["struct", "variant"],
         })
     }
-}
-
-/// Reads the index out of a reference marker.
-struct RefIndex(Option<u32>);
-
-impl Serializer for &mut RefIndex {
-    type Ok = ();
-    type Error = XmlError;
-    type SerializeSeq = ser::Impossible<(), XmlError>;
-    type SerializeTuple = ser::Impossible<(), XmlError>;
-    type SerializeTupleStruct = ser::Impossible<(), XmlError>;
-    type SerializeTupleVariant = ser::Impossible<(), XmlError>;
-    type SerializeMap = ser::Impossible<(), XmlError>;
-    type SerializeStruct = ser::Impossible<(), XmlError>;
-    type SerializeStructVariant = ser::Impossible<(), XmlError>;
-
-    fn serialize_u32(self, v: u32) -> R {
-        self.0 = Some(v);
-        Ok(())
-    }
-
-    fn serialize_bool(self, _: bool) -> R {
-        bad_marker()
-    }
-    fn serialize_i8(self, _: i8) -> R {
-        bad_marker()
-    }
-    fn serialize_i16(self, _: i16) -> R {
-        bad_marker()
-    }
-    fn serialize_i32(self, _: i32) -> R {
-        bad_marker()
-    }
-    fn serialize_i64(self, _: i64) -> R {
-        bad_marker()
-    }
-    fn serialize_u8(self, _: u8) -> R {
-        bad_marker()
-    }
-    fn serialize_u16(self, _: u16) -> R {
-        bad_marker()
-    }
-    fn serialize_u64(self, _: u64) -> R {
-        bad_marker()
-    }
-    fn serialize_f32(self, _: f32) -> R {
-        bad_marker()
-    }
-    fn serialize_f64(self, _: f64) -> R {
-        bad_marker()
-    }
-    fn serialize_char(self, _: char) -> R {
-        bad_marker()
-    }
-    fn serialize_str(self, _: &str) -> R {
-        bad_marker()
-    }
-    fn serialize_bytes(self, _: &[u8]) -> R {
-        bad_marker()
-    }
-    fn serialize_none(self) -> R {
-        bad_marker()
-    }
-    fn serialize_some<T: ?Sized + Serialize>(self, _: &T) -> R {
-        bad_marker()
-    }
-    fn serialize_unit(self) -> R {
-        bad_marker()
-    }
-    fn serialize_unit_struct(self, _: &'static str) -> R {
-        bad_marker()
-    }
-    fn serialize_unit_variant(self, _: &'static str, _: u32, _: &'static str) -> R {
-        bad_marker()
-    }
-    fn serialize_newtype_struct<T: ?Sized + Serialize>(self, _: &'static str, _: &T) -> R {
-        bad_marker()
-    }
-    fn serialize_newtype_variant<T: ?Sized + Serialize>(
-        self,
-        _: &'static str,
-        _: u32,
-        _: &'static str,
-        _: &T,
-    ) -> R {
-        bad_marker()
-    }
-    fn serialize_seq(self, _: Option<usize>) -> Result<Self::SerializeSeq, XmlError> {
-        bad_marker()
-    }
-    fn serialize_tuple(self, _: usize) -> Result<Self::SerializeTuple, XmlError> {
-        bad_marker()
-    }
-    fn serialize_tuple_struct(
-        self,
-        _: &'static str,
-        _: usize,
-    ) -> Result<Self::SerializeTupleStruct, XmlError> {
-        bad_marker()
-    }
-    fn serialize_tuple_variant(
-        self,
-        _: &'static str,
-        _: u32,
-        _: &'static str,
-        _: usize,
-    ) -> Result<Self::SerializeTupleVariant, XmlError> {
-        bad_marker()
-    }
-    fn serialize_map(self, _: Option<usize>) -> Result<Self::SerializeMap, XmlError> {
-        bad_marker()
-    }
-    fn serialize_struct(
-        self,
-        _: &'static str,
-        _: usize,
-    ) -> Result<Self::SerializeStruct, XmlError> {
-        bad_marker()
-    }
-    fn serialize_struct_variant(
-        self,
-        _: &'static str,
-        _: u32,
-        _: &'static str,
-        _: usize,
-    ) -> Result<Self::SerializeStructVariant, XmlError> {
-        bad_marker()
-    }
-}
-
-fn bad_marker<T>() -> Result<T, XmlError> {
-    Err(XmlError("a reference marker holds a u32".into()))
 }
 
 struct Compound<'a, 'o> {
