@@ -2,55 +2,7 @@
 //! binaries (target/<profile>/examples); each must finish successfully and print what it
 //! promises.
 
-use std::path::PathBuf;
-use std::process::Stdio;
-
-use libchan_test_support::within;
-
-fn example(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("test binary path");
-    // target/<profile>/deps/examples-xxxx -> target/<profile>/examples/<name>-<hash>, the
-    // newest build of it (the one this `cargo test` made, with the same features).
-    let dir = exe
-        .parent()
-        .and_then(|d| d.parent())
-        .expect("target dir")
-        .join("examples");
-    let prefix = format!("{name}-");
-    std::fs::read_dir(&dir)
-        .expect("examples dir")
-        .filter_map(Result::ok)
-        .filter(|e| {
-            let n = e.file_name().to_string_lossy().into_owned();
-            n.starts_with(&prefix) && !n.contains('.')
-        })
-        .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
-        .max()
-        .map(|(_, p)| p)
-        .unwrap_or_else(|| dir.join(name))
-}
-
-async fn run(name: &str, args: &[&str]) -> String {
-    let out = within(
-        name,
-        tokio::process::Command::new(example(name))
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .output(),
-    )
-    .await
-    .unwrap_or_else(|e| panic!("run example {name}: {e}"));
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "example {name} failed: {}\n{stdout}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    stdout
-}
+use libchan_test_support::run_example as run;
 
 /// Redis (`redis-server`, `redis-cli`, `redis-benchmark`; `.ci/run` installs them) behind
 /// the gateway, over unix (descriptor passed) and tcp (byte stream).

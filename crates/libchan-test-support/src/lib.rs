@@ -126,3 +126,51 @@ pub fn keep_until_shutdown<T: Send + 'static>(value: T) {
         std::future::pending::<()>().await
     });
 }
+
+/// The newest build of example `name` of the package whose test is running: what `cargo
+/// test` built next to the test binaries (`target/<profile>/examples/<name>-<hash>`), with
+/// the same features.
+pub fn example_binary(name: &str) -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    let dir = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .expect("target dir")
+        .join("examples");
+    let prefix = format!("{name}-");
+    std::fs::read_dir(&dir)
+        .expect("examples dir")
+        .filter_map(Result::ok)
+        .filter(|e| {
+            let n = e.file_name().to_string_lossy().into_owned();
+            n.starts_with(&prefix) && !n.contains('.')
+        })
+        .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
+        .max()
+        .map(|(_, p)| p)
+        .unwrap_or_else(|| dir.join(name))
+}
+
+/// Runs example `name` with `args` to completion (within [`GUARD`]); panics unless it
+/// succeeds; returns its standard output.
+pub async fn run_example(name: &str, args: &[&str]) -> String {
+    let out = within(
+        name,
+        tokio::process::Command::new(example_binary(name))
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("run example {name}: {e}"));
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "example {name} failed: {}\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
