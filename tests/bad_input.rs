@@ -329,6 +329,56 @@ macro_rules! hostile_peer_cases {
             }
         }
 
+
+        /// Small messages held for the application must not keep the read buffers they
+        /// arrived in alive: here 1,500 held 9-byte messages, each followed by 96 KiB of
+        /// junk the session reads and drops (DATA on a stream it reset), would pin 1,500
+        /// read buffers (about 190 MiB) if the messages stayed slices of those buffers.
+        #[tokio::test]
+        async fn small_held_messages_do_not_pin_read_buffers() {
+            let (s, mut mock) = session_and_mock().await;
+            let mut setup = open(1);
+            setup.extend_from_slice(&open(3));
+            let mut b = bytes::BytesMut::new();
+            frame::encode_reset(&mut b, 3, Reason::CANCEL);
+            setup.extend_from_slice(&b);
+            mock.write(&setup).await.expect("write");
+            // Accepted and never read: every message is held.
+            let _held = within("accept", s.accept::<u32>())
+                .await
+                .expect("accept")
+                .expect("channel");
+            let small = data(1, &message(&[0x01], &[]));
+            let mut round = small.clone();
+            for _ in 0..2 {
+                round.extend_from_slice(&data(3, &vec![0u8; 48 * 1024]));
+            }
+            let before = libchan_test_support::rss_bytes();
+            for _ in 0..1500 {
+                mock.write(&round).await.expect("write");
+            }
+            // Everything before a PING is processed when its answer comes.
+            let mut b = bytes::BytesMut::new();
+            frame::encode_ping(&mut b, false, 42);
+            mock.write(&b).await.expect("ping");
+            within("ping answer", async {
+                loop {
+                    match mock.read_frame().await.expect("read") {
+                        Some(Frame::Ping { ack: true, .. }) => break,
+                        Some(_) => {}
+                        None => panic!("session ended"),
+                    }
+                }
+            })
+            .await;
+            let grown = libchan_test_support::rss_bytes().saturating_sub(before);
+            assert!(
+                grown < 64 << 20,
+                "holding 1,500 small messages grew RSS by {} MiB",
+                grown >> 20
+            );
+            assert_eq!(s.stats().connection.streams, 2, "{:?}", s.stats());
+        }
     };
 }
 

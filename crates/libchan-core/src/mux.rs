@@ -1656,7 +1656,7 @@ impl Mux {
         if s.kind == StreamKind::Bytes {
             if !payload.is_empty() {
                 s.buffered += len;
-                s.bytes.push_back(payload);
+                s.bytes.push_back(unpin(payload));
                 woke = true;
             }
         } else {
@@ -1725,7 +1725,7 @@ impl Mux {
                     None
                 };
                 if discard.is_none() && payload.len() >= body_len {
-                    let body = payload.split_to(body_len);
+                    let body = unpin(payload.split_to(body_len));
                     s.buffered += total;
                     let item = complete(body, payload_len, nrefs, fds);
                     if item.is_err() {
@@ -1861,6 +1861,21 @@ fn pin(pins: &mut Vec<u32>, item: &RecvItem) {
                 pins.push(r.id);
             }
         }
+    }
+}
+
+/// Pieces of a read buffer smaller than this are copied out before they are held for the
+/// application. A held slice keeps its whole read buffer (128 KiB) alive, so a peer could
+/// otherwise pin a buffer per few bytes it makes us hold, far beyond what the flow-control
+/// windows and the session budget count; with the copy, what is held is at most a few
+/// times what is counted.
+const UNPIN_BELOW: usize = 32 * 1024;
+
+fn unpin(piece: Bytes) -> Bytes {
+    if piece.len() < UNPIN_BELOW {
+        Bytes::copy_from_slice(&piece)
+    } else {
+        piece
     }
 }
 

@@ -174,3 +174,14 @@ pub async fn run_example(name: &str, args: &[&str]) -> String {
     );
     stdout
 }
+
+/// Resident memory of this process (VmRSS from /proc), for tests that bound memory.
+pub fn rss_bytes() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").expect("status");
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS");
+    kb * 1024
+}

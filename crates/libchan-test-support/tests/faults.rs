@@ -131,17 +131,6 @@ fn signal(pid: i32, sig: i32) {
     );
 }
 
-/// Resident memory of this process, from /proc.
-fn rss_bytes() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").expect("status");
-    let kb: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS");
-    kb * 1024
-}
-
 /// A peer process that accepts a channel and never reads: the sender is held back by
 /// credit (its memory stays bounded, measured), and once the peer process is stopped
 /// (SIGSTOP: no FIN, no RST, nothing) keepalive ends the session within its interval and
@@ -170,7 +159,7 @@ async fn a_peer_that_stops_reading_then_freezes() {
     assert_eq!(line.trim(), "accepted");
 
     // Fill until the channel pushes back; count what left this process.
-    let before = rss_bytes();
+    let before = libchan_test_support::rss_bytes();
     let chunk = vec![1u8; 1 << 20];
     let mut sent = 0usize;
     within("backpressure", async {
@@ -185,7 +174,7 @@ async fn a_peer_that_stops_reading_then_freezes() {
         }
     })
     .await;
-    let grown = rss_bytes().saturating_sub(before);
+    let grown = libchan_test_support::rss_bytes().saturating_sub(before);
     eprintln!(
         "stopped reader: {sent} MiB accepted by try_send before backpressure; RSS grew {} KiB",
         grown / 1024
