@@ -82,3 +82,26 @@ async fn drain_ends_when_the_last_stream_is_released_later() {
     drop(rx);
     within("drain", drain).await.unwrap().unwrap();
 }
+
+/// The reply pattern: the receiver takes the one message it expects and is dropped
+/// without reading the end. Everything was taken, so delivery is confirmed.
+#[tokio::test]
+async fn delivery_is_confirmed_when_every_message_was_taken() {
+    let (a, b) = tcp_pair().await;
+    let tx = a.open::<u32>().await.unwrap();
+    let mut rx = within("accept", b.accept::<u32>()).await.unwrap().unwrap();
+    tx.send(1).await.map_err(|e| e.error).unwrap();
+    tx.close().await; // the end is queued behind the message
+    let confirm = tokio::spawn(async move { tx.delivered().await });
+    // Frames arrive in order: once a message opened later has arrived, so has the end.
+    let marker = a.open::<u32>().await.unwrap();
+    marker.send(2).await.map_err(|e| e.error).unwrap();
+    let mut m = within("accept marker", b.accept::<u32>())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(within("marker", m.recv()).await.unwrap(), Some(2));
+    assert_eq!(within("reply", rx.recv()).await.unwrap(), Some(1));
+    drop(rx); // the end is never read
+    within("delivered", confirm).await.unwrap().unwrap();
+}

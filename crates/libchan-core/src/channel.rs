@@ -391,11 +391,12 @@ impl<T: Message> Sender<T> {
     }
 
     /// Closes the channel (as [`close`](Sender::close)) and waits until the receiving
-    /// application has taken every message sent on it and its end: delivery
-    /// confirmation.
+    /// application has taken every message sent on it: delivery confirmation. Over a
+    /// connection a receiver that took every message and was then dropped without reading
+    /// the end also confirms; a local channel's receiver must read the end.
     ///
     /// `Ok(())` means the peer's application received everything, in order. Errors: the
-    /// receiver was dropped before it took the end ([`ErrorKind::Reset`], or
+    /// receiver was dropped with messages unread ([`ErrorKind::Reset`], or
     /// [`ErrorKind::Closed`] for a local channel), the connection was lost first
     /// ([`ErrorKind::ConnectionLost`]: some messages may or may not have been taken), or
     /// the transport cannot confirm ([`ErrorKind::Closed`]). Confirmation is per hop: a

@@ -777,16 +777,22 @@ impl Mux {
         };
         s.handle = false;
         let rx_open = s.can_recv && matches!(s.rx, RxState::Open);
-        // A channel whose clean end arrived but was not taken by the application: tell the
-        // sender that delivery is not confirmed (and let an HTTP/2 stream end).
-        let unconfirmed = s.can_recv
+        // A channel whose clean end arrived but was not read by the application: if it
+        // took every message, delivery is confirmed all the same (the common "read one
+        // reply, drop the receiver"); otherwise the sender learns it is not. Either way an
+        // HTTP/2 stream can end.
+        let unanswered = s.can_recv
             && s.kind != StreamKind::Bytes
             && matches!(s.rx, RxState::Fin)
             && !s.end_confirmed
             && self.lost.is_none();
-        if unconfirmed {
+        if unanswered {
             s.end_confirmed = true;
-            frame::encode_reset(&mut self.ctrl, id, Reason::CANCEL);
+            if s.msgs.is_empty() && s.partial.is_none() {
+                frame::encode_credit(&mut self.ctrl, id, 0);
+            } else {
+                frame::encode_reset(&mut self.ctrl, id, Reason::CANCEL);
+            }
             self.flush = true;
         }
         let mut dropped = std::mem::take(&mut s.msgs);
