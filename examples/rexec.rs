@@ -109,13 +109,12 @@ async fn remote(
         stdin.shutdown().await
     };
     let (mut out, mut err) = (String::new(), String::new());
-    let (fed, o, e) = tokio::join!(
+    // A command that exits without reading its stdin ends the stream early: not an error.
+    let (_fed, o, e) = tokio::join!(
         feed,
         stdout.read_to_string(&mut out),
         stderr.read_to_string(&mut err)
     );
-    // A command that exits without reading its stdin closes the stream early.
-    let _ = fed;
     o?;
     e?;
     let status = status_rx.recv().await?.ok_or("no status")?;

@@ -180,32 +180,15 @@ impl Serialize for RefMarker {
     }
 }
 
-/// The error of the codec's serde adapters.
-#[derive(Debug)]
-struct CodecError(String);
+/// The error of the codec's serde adapters: serde's own message-carrying error.
+type CodecError = serde::de::value::Error;
 
-impl fmt::Display for CodecError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for CodecError {}
-
-impl ser::Error for CodecError {
-    fn custom<T: fmt::Display>(msg: T) -> Self {
-        CodecError(msg.to_string())
-    }
-}
-
-impl de::Error for CodecError {
-    fn custom<T: fmt::Display>(msg: T) -> Self {
-        CodecError(msg.to_string())
-    }
+fn codec_error(message: impl fmt::Display) -> CodecError {
+    de::Error::custom(message)
 }
 
 fn only_proto<T>(what: &str) -> Result<T, CodecError> {
-    Err(CodecError(format!(
+    Err(codec_error(format!(
         "the protobuf codec carries libchan_codec_protobuf::Proto<M> messages only, not a {what}"
     )))
 }
@@ -478,7 +461,7 @@ impl<'de> Deserializer<'de> for PayloadDe<'de> {
     type Error = CodecError;
 
     fn deserialize_any<V: Visitor<'de>>(self, _: V) -> Result<V::Value, CodecError> {
-        Err(CodecError(
+        Err(codec_error(
             "a protobuf payload can only be received as a libchan_codec_protobuf::Proto<M>"
                 .to_owned(),
         ))

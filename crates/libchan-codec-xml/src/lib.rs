@@ -118,28 +118,11 @@ impl Serialize for RefMarker {
 
 // ---- errors --------------------------------------------------------------------------------
 
-/// The error of the codec's serde adapters.
-#[derive(Debug)]
-struct XmlError(String);
+/// The error of the codec's serde adapters: serde's own message-carrying error.
+type XmlError = serde::de::value::Error;
 
-impl fmt::Display for XmlError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for XmlError {}
-
-impl ser::Error for XmlError {
-    fn custom<T: fmt::Display>(msg: T) -> Self {
-        XmlError(msg.to_string())
-    }
-}
-
-impl de::Error for XmlError {
-    fn custom<T: fmt::Display>(msg: T) -> Self {
-        XmlError(msg.to_string())
-    }
+fn xml_error(message: impl fmt::Display) -> XmlError {
+    de::Error::custom(message)
 }
 
 // ---- writing -------------------------------------------------------------------------------
@@ -426,49 +409,28 @@ impl Compound<'_, '_> {
     }
 }
 
-impl ser::SerializeSeq for Compound<'_, '_> {
-    type Ok = ();
-    type Error = XmlError;
-    fn serialize_element<T: ?Sized + Serialize>(&mut self, v: &T) -> R {
-        v.serialize(&mut *self.w)
-    }
-    fn end(self) -> R {
-        self.finish()
-    }
+/// Sequences, tuples and their struct and variant forms: each element is a value.
+macro_rules! elements {
+    ($($trait:ident :: $method:ident),*) => {$(
+        impl ser::$trait for Compound<'_, '_> {
+            type Ok = ();
+            type Error = XmlError;
+            fn $method<T: ?Sized + Serialize>(&mut self, v: &T) -> R {
+                v.serialize(&mut *self.w)
+            }
+            fn end(self) -> R {
+                self.finish()
+            }
+        }
+    )*};
 }
 
-impl ser::SerializeTuple for Compound<'_, '_> {
-    type Ok = ();
-    type Error = XmlError;
-    fn serialize_element<T: ?Sized + Serialize>(&mut self, v: &T) -> R {
-        v.serialize(&mut *self.w)
-    }
-    fn end(self) -> R {
-        self.finish()
-    }
-}
-
-impl ser::SerializeTupleStruct for Compound<'_, '_> {
-    type Ok = ();
-    type Error = XmlError;
-    fn serialize_field<T: ?Sized + Serialize>(&mut self, v: &T) -> R {
-        v.serialize(&mut *self.w)
-    }
-    fn end(self) -> R {
-        self.finish()
-    }
-}
-
-impl ser::SerializeTupleVariant for Compound<'_, '_> {
-    type Ok = ();
-    type Error = XmlError;
-    fn serialize_field<T: ?Sized + Serialize>(&mut self, v: &T) -> R {
-        v.serialize(&mut *self.w)
-    }
-    fn end(self) -> R {
-        self.finish()
-    }
-}
+elements!(
+    SerializeSeq::serialize_element,
+    SerializeTuple::serialize_element,
+    SerializeTupleStruct::serialize_field,
+    SerializeTupleVariant::serialize_field
+);
 
 impl ser::SerializeMap for Compound<'_, '_> {
     type Ok = ();
@@ -566,7 +528,7 @@ struct XmlDe<'de> {
 }
 
 fn err<T>(msg: impl Into<String>) -> Result<T, XmlError> {
-    Err(XmlError(msg.into()))
+    Err(xml_error(msg.into()))
 }
 
 impl<'de> XmlDe<'de> {
@@ -593,7 +555,7 @@ impl<'de> XmlDe<'de> {
         }
         self.reader
             .read_event()
-            .map_err(|e| XmlError(format!("at byte {}: {e}", self.pos())))
+            .map_err(|e| xml_error(format!("at byte {}: {e}", self.pos())))
     }
 
     /// The next event that is not whitespace between elements.
@@ -631,7 +593,7 @@ impl<'de> XmlDe<'de> {
 
     fn head(&mut self, start: &BytesStart<'de>, empty: bool) -> Result<Head<'de>, XmlError> {
         let tag = Tag::parse(start.name().as_ref()).ok_or_else(|| {
-            XmlError(format!(
+            xml_error(format!(
                 "at byte {}: unknown element <{}>",
                 self.pos(),
                 String::from_utf8_lossy(start.name().as_ref())
@@ -640,12 +602,12 @@ impl<'de> XmlDe<'de> {
         let mut name = None;
         let mut base64 = false;
         for a in start.attributes() {
-            let a = a.map_err(|e| XmlError(format!("at byte {}: {e}", self.pos())))?;
+            let a = a.map_err(|e| xml_error(format!("at byte {}: {e}", self.pos())))?;
             match a.key.as_ref() {
                 b"name" if matches!(tag, Tag::Field | Tag::Variant) => {
                     let v = a
                         .unescape_value()
-                        .map_err(|e| XmlError(format!("at byte {}: {e}", self.pos())))?;
+                        .map_err(|e| xml_error(format!("at byte {}: {e}", self.pos())))?;
                     name = Some(Cow::Owned(v.into_owned()));
                 }
                 b"encoding" if tag == Tag::Str && a.value.as_ref() == b"base64" => base64 = true,
@@ -724,19 +686,19 @@ impl<'de> XmlDe<'de> {
                 Event::Text(t) => {
                     let s = t
                         .decode()
-                        .map_err(|e| XmlError(format!("at byte {}: {e}", self.pos())))?;
+                        .map_err(|e| xml_error(format!("at byte {}: {e}", self.pos())))?;
                     append(&mut out, s);
                 }
                 Event::CData(c) => {
                     let s = c
                         .decode()
-                        .map_err(|e| XmlError(format!("at byte {}: {e}", self.pos())))?;
+                        .map_err(|e| xml_error(format!("at byte {}: {e}", self.pos())))?;
                     append(&mut out, s);
                 }
                 Event::GeneralRef(r) => {
                     let c = if r.is_char_ref() {
                         r.resolve_char_ref()
-                            .map_err(|e| XmlError(format!("at byte {}: {e}", self.pos())))?
+                            .map_err(|e| xml_error(format!("at byte {}: {e}", self.pos())))?
                     } else {
                         match r.as_ref() {
                             b"lt" => Some('<'),
@@ -774,9 +736,9 @@ impl<'de> XmlDe<'de> {
         }
         let bytes = B64
             .decode(t.as_bytes())
-            .map_err(|e| XmlError(format!("at byte {}: base64 string: {e}", self.pos())))?;
+            .map_err(|e| xml_error(format!("at byte {}: base64 string: {e}", self.pos())))?;
         String::from_utf8(bytes).map(Cow::Owned).map_err(|_| {
-            XmlError(format!(
+            xml_error(format!(
                 "at byte {}: base64 string is not UTF-8",
                 self.pos()
             ))
@@ -836,7 +798,7 @@ fn parse_float(text: &str) -> Result<f64, XmlError> {
         "-inf" => Ok(f64::NEG_INFINITY),
         t => t
             .parse::<f64>()
-            .map_err(|_| XmlError(format!("not a float: {:?}", truncate(t)))),
+            .map_err(|_| xml_error(format!("not a float: {:?}", truncate(t)))),
     }
 }
 
@@ -875,7 +837,7 @@ impl<'de> Deserializer<'de> for &mut XmlDe<'de> {
             let t = self.text(&head)?;
             let i = t
                 .parse::<u32>()
-                .map_err(|_| XmlError(format!("bad reference index {:?}", truncate(&t))))?;
+                .map_err(|_| xml_error(format!("bad reference index {:?}", truncate(&t))))?;
             return v.visit_u32(i);
         }
         v.visit_newtype_struct(self)
@@ -929,7 +891,7 @@ impl<'de> XmlDe<'de> {
                 let t = self.text(&head)?;
                 let b = B64
                     .decode(t.as_bytes())
-                    .map_err(|e| XmlError(format!("at byte {}: bytes: {e}", self.pos())))?;
+                    .map_err(|e| xml_error(format!("at byte {}: bytes: {e}", self.pos())))?;
                 v.visit_byte_buf(b)
             }
             Tag::None => {
