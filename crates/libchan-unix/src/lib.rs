@@ -134,11 +134,21 @@ impl Link for UnixLink {
 
     fn split(self: Box<Self>) -> (Box<dyn LinkRead>, Box<dyn LinkWrite>) {
         let (r, w) = self.0.into_split();
-        (Box::new(UnixRead(r)), Box::new(UnixWrite(w)))
+        (
+            Box::new(UnixRead {
+                half: r,
+                cmsg: nix::cmsg_space!([RawFd; SCM_MAX_FD]),
+            }),
+            Box::new(UnixWrite(w)),
+        )
     }
 }
 
-struct UnixRead(OwnedReadHalf);
+struct UnixRead {
+    half: OwnedReadHalf,
+    /// Room for the control message of one read, allocated once.
+    cmsg: Vec<u8>,
+}
 struct UnixWrite(OwnedWriteHalf);
 
 impl LinkRead for UnixRead {
@@ -148,7 +158,8 @@ impl LinkRead for UnixRead {
         buf: &mut BytesMut,
         fds: &mut Vec<OwnedFd>,
     ) -> Poll<io::Result<usize>> {
-        let sock: &UnixStream = self.0.as_ref();
+        let sock: &UnixStream = self.half.as_ref();
+        let cmsg = &mut self.cmsg;
         loop {
             match sock.poll_read_ready(cx) {
                 Poll::Pending => return Poll::Pending,
@@ -156,7 +167,27 @@ impl LinkRead for UnixRead {
                 Poll::Ready(Ok(())) => {}
             }
             let fd = sock.as_raw_fd();
-            match sock.try_io(Interest::READABLE, || recv_with_fds(fd, buf, fds)) {
+            // A read that returns less than the room it had, and no descriptors, emptied
+            // the socket's queue: the kernel glues queued segments into one read and stops
+            // short only after a segment that carried descriptors. Reporting that read to
+            // tokio as `WouldBlock` clears the readiness it saw (and only that: a segment
+            // arriving later sets it again), which saves the read that would only say
+            // EAGAIN — one `recvmsg` of every two on a request/response link.
+            let room = buf.capacity() - buf.len();
+            let before = fds.len();
+            let mut done = None;
+            let res = sock.try_io(Interest::READABLE, || {
+                let n = recv_with_fds(fd, buf, fds, cmsg)?;
+                if n > 0 && n < room && fds.len() == before {
+                    done = Some(n);
+                    return Err(io::ErrorKind::WouldBlock.into());
+                }
+                Ok(n)
+            });
+            if let Some(n) = done {
+                return Poll::Ready(Ok(n));
+            }
+            match res {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 r => return Poll::Ready(r),
             }
@@ -164,18 +195,22 @@ impl LinkRead for UnixRead {
     }
 }
 
-fn recv_with_fds(fd: RawFd, buf: &mut BytesMut, fds: &mut Vec<OwnedFd>) -> io::Result<usize> {
+fn recv_with_fds(
+    fd: RawFd,
+    buf: &mut BytesMut,
+    fds: &mut Vec<OwnedFd>,
+    cmsg: &mut [u8],
+) -> io::Result<usize> {
     let spare = buf.spare_capacity_mut();
     // SAFETY: recvmsg only writes into the buffer; we only expose the bytes it reports as
     // written (via set_len below).
     let dst =
         unsafe { std::slice::from_raw_parts_mut(spare.as_mut_ptr().cast::<u8>(), spare.len()) };
-    let mut cmsg = nix::cmsg_space!([RawFd; SCM_MAX_FD]);
     let mut iov = [IoSliceMut::new(dst)];
     let msg = socket::recvmsg::<()>(
         fd,
         &mut iov,
-        Some(&mut cmsg),
+        Some(cmsg),
         MsgFlags::MSG_CMSG_CLOEXEC | MsgFlags::MSG_DONTWAIT,
     )
     .map_err(io::Error::from)?;
@@ -242,4 +277,58 @@ fn send_with_fds(fd: RawFd, buf: &[u8], raw: &[RawFd]) -> io::Result<usize> {
         None,
     )
     .map_err(io::Error::from)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::future::poll_fn;
+    use std::time::Duration;
+
+    /// Reads from the link until `want` bytes came, collecting descriptors.
+    async fn read_all(r: &mut dyn LinkRead, want: usize) -> (BytesMut, Vec<OwnedFd>) {
+        let mut buf = BytesMut::with_capacity(64 * 1024);
+        let mut fds = Vec::new();
+        while buf.len() < want {
+            let n = poll_fn(|cx| r.poll_read_fds(cx, &mut buf, &mut fds))
+                .await
+                .unwrap();
+            assert!(n > 0, "unexpected end of stream");
+        }
+        (buf, fds)
+    }
+
+    /// Segments with and without descriptors queued before a read, and segments that
+    /// arrive after a short read: every byte and descriptor is read, nothing waits for an
+    /// event that already happened (the reader clears readiness after short reads).
+    #[tokio::test]
+    async fn short_reads_never_lose_queued_segments() {
+        let guard = Duration::from_secs(10);
+        let (a, b) = UnixStream::pair().unwrap();
+        let (mut r, _w) = Box::new(UnixLink(b)).split();
+        let (_ra, wa) = a.into_split();
+        let raw = wa.as_ref().as_raw_fd();
+        for round in 0..50u8 {
+            // Plain, then with a descriptor, then plain: all queued before the read.
+            let file = std::fs::File::open("/dev/null").unwrap();
+            send_with_fds(raw, &[round; 10], &[]).unwrap();
+            send_with_fds(raw, &[round; 10], &[file.as_raw_fd()]).unwrap();
+            send_with_fds(raw, &[round; 10], &[]).unwrap();
+            let (buf, fds) = tokio::time::timeout(guard, read_all(&mut *r, 30))
+                .await
+                .expect("queued segments were not read");
+            assert_eq!(&buf[..], &[round; 30][..]);
+            assert_eq!(fds.len(), 1);
+            // A segment that arrives after the reader found the queue empty wakes it.
+            let late = tokio::spawn(async move {
+                tokio::task::yield_now().await;
+                send_with_fds(raw, &[round; 5], &[]).unwrap();
+            });
+            let (buf, _) = tokio::time::timeout(guard, read_all(&mut *r, 5))
+                .await
+                .expect("a later segment was not read");
+            assert_eq!(&buf[..], &[round; 5][..]);
+            late.await.unwrap();
+        }
+    }
 }
