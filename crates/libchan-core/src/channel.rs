@@ -461,8 +461,10 @@ fn remote_send<T: Message>(r: &Arc<RemoteSender>, value: T) -> Result<(), SendEr
             })
         }
     };
-    r.size_hint
-        .store(msg.len().min(64 * 1024), Ordering::Relaxed);
+    // The next message of this channel likely has about this size: starting its buffer
+    // there saves the copies of growing it (a 1 MiB message grown from 64 KiB was copied
+    // twice). One small message after a large one brings the hint back down.
+    r.size_hint.store(msg.len(), Ordering::Relaxed);
     match r.session.conn.send_message(r.id, msg) {
         Ok(ids) => {
             let mut ids = ids.into_iter();

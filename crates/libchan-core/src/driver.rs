@@ -14,7 +14,10 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 
-use bytes::BytesMut;
+use std::collections::VecDeque;
+use std::io::IoSlice;
+
+use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
@@ -24,7 +27,7 @@ use crate::conn::{Connection, ConnectionStats, PeerIdentity};
 use crate::error::{Error, ErrorKind};
 use crate::frame::{Reason, StreamKind};
 use crate::message::{InMessage, OutMessage, WireRef};
-use crate::mux::{Mux, Role};
+use crate::mux::{Batch, Mux, Role};
 
 /// Size of one batch handed to the link by the writer.
 const WRITE_BATCH: usize = 256 * 1024;
@@ -67,6 +70,27 @@ pub trait LinkWrite: Send + 'static {
         buf: &[u8],
         fds: &[OwnedFd],
     ) -> Poll<io::Result<usize>>;
+    /// True if [`poll_write_vectored_fds`](LinkWrite::poll_write_vectored_fds) writes
+    /// several buffers at once (`writev`, `sendmsg`); then the driver references large
+    /// message pieces instead of copying them into one buffer. False by default.
+    fn is_write_vectored(&self) -> bool {
+        false
+    }
+    /// Writes a prefix of the concatenation of `bufs`; `fds` (possibly empty) must travel
+    /// with its first byte. Called only if [`is_write_vectored`](LinkWrite::is_write_vectored)
+    /// is true; the default writes the first non-empty buffer.
+    fn poll_write_vectored_fds(
+        &mut self,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+        fds: &[OwnedFd],
+    ) -> Poll<io::Result<usize>> {
+        let first = bufs
+            .iter()
+            .find(|b| !b.is_empty())
+            .map_or(&[][..], |b| &**b);
+        self.poll_write_fds(cx, first, fds)
+    }
     /// Pushes out anything the link buffered (a TLS record, a buffered writer). The writer
     /// calls it after each batch, before it waits for more to send. The default does
     /// nothing: sockets do not buffer in user space.
@@ -173,6 +197,25 @@ impl<W: AsyncWrite + Send + Unpin + 'static> LinkWrite for IoWrite<W> {
             )));
         }
         Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.0.is_write_vectored()
+    }
+
+    fn poll_write_vectored_fds(
+        &mut self,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+        fds: &[OwnedFd],
+    ) -> Poll<io::Result<usize>> {
+        if !fds.is_empty() {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "this link cannot pass file descriptors",
+            )));
+        }
+        Pin::new(&mut self.0).poll_write_vectored(cx, bufs)
     }
 
     fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -363,20 +406,41 @@ async fn read_loop(shared: Arc<Shared>, mut r: Box<dyn LinkRead>) {
 }
 
 async fn write_loop(shared: Arc<Shared>, mut w: Box<dyn LinkWrite>) {
+    let vectored = w.is_write_vectored();
     let mut out = BytesMut::with_capacity(WRITE_BATCH + 64 * 1024);
+    let mut batch = Batch::new(WRITE_BATCH + 64 * 1024);
+    let mut pieces: VecDeque<Bytes> = VecDeque::new();
     let mut fds: Vec<OwnedFd> = Vec::new();
     loop {
         let (lost, drained) = shared.with(|m| {
-            m.poll_transmit(&mut out, &mut fds, WRITE_BATCH);
+            if vectored {
+                m.poll_transmit_batch(&mut batch, &mut fds, WRITE_BATCH);
+            } else {
+                m.poll_transmit(&mut out, &mut fds, WRITE_BATCH);
+            }
             (m.lost().is_some(), m.is_drained())
         });
-        if !out.is_empty() {
+        let written = if vectored {
+            if batch.is_empty() {
+                false
+            } else {
+                batch.take_pieces(&mut pieces);
+                let res = write_pieces(&mut *w, &mut pieces, &mut fds).await;
+                pieces.clear();
+                if let Err(e) = res {
+                    fail_write(&shared, e);
+                    return;
+                }
+                true
+            }
+        } else if out.is_empty() {
+            false
+        } else {
             let mut pos = 0;
             while pos < out.len() {
                 match poll_fn(|cx| w.poll_write_fds(cx, &out[pos..], &fds)).await {
                     Ok(0) => {
-                        let e = io::Error::new(io::ErrorKind::WriteZero, "wrote 0 bytes");
-                        fail_write(&shared, e);
+                        fail_write(&shared, write_zero());
                         return;
                     }
                     Ok(n) => {
@@ -390,6 +454,9 @@ async fn write_loop(shared: Arc<Shared>, mut w: Box<dyn LinkWrite>) {
                 }
             }
             out.clear();
+            true
+        };
+        if written {
             if let Err(e) = poll_fn(|cx| w.poll_flush(cx)).await {
                 fail_write(&shared, e);
                 return;
@@ -406,6 +473,49 @@ async fn write_loop(shared: Arc<Shared>, mut w: Box<dyn LinkWrite>) {
         }
         shared.notify.notified().await;
     }
+}
+
+fn write_zero() -> io::Error {
+    io::Error::new(io::ErrorKind::WriteZero, "wrote 0 bytes")
+}
+
+/// Writes `pieces` whole with vectored writes; `fds` go with the first byte.
+async fn write_pieces(
+    w: &mut dyn LinkWrite,
+    pieces: &mut VecDeque<Bytes>,
+    fds: &mut Vec<OwnedFd>,
+) -> io::Result<()> {
+    /// Buffers handed to one write (Linux accepts up to 1024).
+    const MAX_IOV: usize = 64;
+    while !pieces.is_empty() {
+        let n = poll_fn(|cx| {
+            let mut iov = [IoSlice::new(&[]); MAX_IOV];
+            let k = pieces.len().min(MAX_IOV);
+            for (slot, p) in iov.iter_mut().zip(pieces.iter()) {
+                *slot = IoSlice::new(p);
+            }
+            w.poll_write_vectored_fds(cx, &iov[..k], fds)
+        })
+        .await?;
+        if n == 0 {
+            return Err(write_zero());
+        }
+        fds.clear();
+        let mut left = n;
+        while left > 0 {
+            let front = pieces
+                .front_mut()
+                .expect("wrote no more than the pieces hold");
+            if front.len() <= left {
+                left -= front.len();
+                pieces.pop_front();
+            } else {
+                front.advance(left);
+                left = 0;
+            }
+        }
+    }
+    Ok(())
 }
 
 fn fail_write(shared: &Shared, e: io::Error) {

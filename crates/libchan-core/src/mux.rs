@@ -113,7 +113,7 @@ enum TxState {
 }
 
 struct Partial {
-    body: BytesMut,
+    body: Body,
     need: usize,
     payload_len: usize,
     nrefs: usize,
@@ -124,7 +124,7 @@ struct Partial {
 }
 
 struct Chunk {
-    data: Vec<u8>,
+    data: Bytes,
     pos: usize,
     fds: Vec<OwnedFd>,
     message: bool,
@@ -630,7 +630,7 @@ impl Mux {
         let len = msg.buf.len();
         let s = self.streams.get_mut(&id).expect("checked above");
         s.queue.push_back(Chunk {
-            data: msg.buf,
+            data: Bytes::from(msg.buf),
             pos: 0,
             fds: msg.fds,
             message: true,
@@ -684,7 +684,7 @@ impl Mux {
             return Poll::Ready(Ok(0));
         }
         s.queue.push_back(Chunk {
-            data: data[..n].to_vec(),
+            data: Bytes::copy_from_slice(&data[..n]),
             pos: 0,
             fds: Vec::new(),
             message: false,
@@ -1127,6 +1127,36 @@ impl Mux {
     /// Fills `out` (up to about `max` bytes) with frames to send and `fds` with the
     /// descriptors that must travel with them (attached to the first byte of `out`).
     pub fn poll_transmit(&mut self, out: &mut BytesMut, fds: &mut Vec<OwnedFd>, max: usize) {
+        self.transmit(out, None, fds, max);
+    }
+
+    /// Like [`poll_transmit`](Mux::poll_transmit), but message pieces of at least
+    /// [`Batch::BY_REFERENCE`] bytes are referenced rather than copied into the batch's
+    /// buffer, for a vectored write.
+    ///
+    /// ```
+    /// use libchan_core::mux::{Batch, Mux, Role};
+    /// use libchan_core::Limits;
+    /// let mut a = Mux::new(Role::Dialer, Limits::default(), vec!["cbor".into()]);
+    /// let mut batch = Batch::new(64 * 1024);
+    /// a.poll_transmit_batch(&mut batch, &mut Vec::new(), 1 << 16);
+    /// let mut pieces = std::collections::VecDeque::new();
+    /// let len = batch.len();
+    /// batch.take_pieces(&mut pieces);
+    /// assert_eq!(pieces.iter().map(|p| p.len()).sum::<usize>(), len); // the HELLO
+    /// assert!(batch.is_empty());
+    /// ```
+    pub fn poll_transmit_batch(&mut self, out: &mut Batch, fds: &mut Vec<OwnedFd>, max: usize) {
+        self.transmit(&mut out.buf, Some(&mut out.refs), fds, max);
+    }
+
+    fn transmit(
+        &mut self,
+        out: &mut BytesMut,
+        mut refs: Option<&mut Refs>,
+        fds: &mut Vec<OwnedFd>,
+        max: usize,
+    ) {
         if !self.ctrl.is_empty() {
             out.extend_from_slice(&self.ctrl);
             self.ctrl.clear();
@@ -1144,7 +1174,10 @@ impl Mux {
         // what it holds unclaimed (this write's, plus the previous one's whose headers it
         // has not parsed yet) stays within twice that (PROTOCOL.md §8).
         let fd_cap = usize::from(peer.max_fds_per_message).max(1);
-        while out.len() < max {
+        let total = |out: &BytesMut, refs: &Option<&mut Refs>| {
+            out.len() + refs.as_ref().map_or(0, |r| r.len)
+        };
+        while total(out, &refs) < max {
             let Some(id) = self.ready.pop_front() else {
                 break;
             };
@@ -1154,7 +1187,7 @@ impl Mux {
             s.in_ready = false;
             let room = max_frame
                 .min(s.credit as usize)
-                .min(max - out.len().min(max));
+                .min(max - total(out, &refs).min(max));
             let at = out.len();
             frame::encode_data_header(out, id, 0, false);
             let mut n = 0;
@@ -1174,7 +1207,13 @@ impl Mux {
                     }
                 }
                 let k = (c.data.len() - c.pos).min(room - n);
-                out.extend_from_slice(&c.data[c.pos..c.pos + k]);
+                match refs.as_deref_mut() {
+                    Some(r) if k >= Batch::BY_REFERENCE => {
+                        r.list.push((out.len(), c.data.slice(c.pos..c.pos + k)));
+                        r.len += k;
+                    }
+                    _ => out.extend_from_slice(&c.data[c.pos..c.pos + k]),
+                }
                 c.pos += k;
                 n += k;
                 if c.pos == c.data.len() {
@@ -1672,14 +1711,14 @@ impl Mux {
                     let piece = payload.split_to(take);
                     p.need -= take;
                     if !p.discard {
-                        p.body.extend_from_slice(&piece);
+                        p.body.push(piece);
                         p.counted += take;
                     }
                     if p.need == 0 {
                         let p = s.partial.take().expect("present");
                         if !p.discard {
-                            s.buffered += MESSAGE_HEADER_LEN + p.body.len();
-                            let item = complete(p.body.freeze(), p.payload_len, p.nrefs, p.fds)
+                            s.buffered += MESSAGE_HEADER_LEN + p.body.len;
+                            let item = complete(p.body.join(), p.payload_len, p.nrefs, p.fds)
                                 .inspect_err(|_| {
                                     s.buffered -=
                                         MESSAGE_HEADER_LEN + p.payload_len + p.nrefs * REF_LEN;
@@ -1752,7 +1791,7 @@ impl Mux {
                         continue;
                     }
                     s.partial = Some(Partial {
-                        body: BytesMut::new(),
+                        body: Body::default(),
                         need: body_len,
                         payload_len,
                         nrefs,
@@ -1764,7 +1803,7 @@ impl Mux {
                 }
                 debug_assert!(!discarding);
                 s.partial = Some(Partial {
-                    body: BytesMut::new(),
+                    body: Body::default(),
                     need: body_len,
                     payload_len,
                     nrefs,
@@ -1793,6 +1832,66 @@ impl Mux {
             self.end_rx(id, RxState::Fin)?;
         }
         Ok(())
+    }
+}
+
+/// Large pieces referenced by a [`Batch`]: each goes on the wire right before the byte
+/// of the batch buffer at its offset.
+#[derive(Debug, Default)]
+struct Refs {
+    list: Vec<(usize, Bytes)>,
+    len: usize,
+}
+
+/// One batch of frames to write, filled by [`Mux::poll_transmit_batch`]: frame headers
+/// and small pieces copied into one buffer, message pieces of at least
+/// [`BY_REFERENCE`](Batch::BY_REFERENCE) bytes referenced where they are (no copy), for a
+/// vectored write.
+#[derive(Debug)]
+pub struct Batch {
+    buf: BytesMut,
+    refs: Refs,
+}
+
+impl Batch {
+    /// Pieces at least this long are referenced instead of copied.
+    pub const BY_REFERENCE: usize = 4096;
+
+    /// An empty batch whose copy buffer starts with `capacity` bytes.
+    pub fn new(capacity: usize) -> Self {
+        Batch {
+            buf: BytesMut::with_capacity(capacity),
+            refs: Refs::default(),
+        }
+    }
+
+    /// Bytes in the batch.
+    pub fn len(&self) -> usize {
+        self.buf.len() + self.refs.len
+    }
+
+    /// True if the batch holds nothing.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Moves the batch's bytes to the end of `into`, in wire order, leaving the batch empty.
+    /// The copy buffer's allocation is reused by the next batch once those pieces are
+    /// dropped.
+    pub fn take_pieces(&mut self, into: &mut VecDeque<Bytes>) {
+        let mut copied = self.buf.split().freeze();
+        let mut at = 0;
+        for (offset, piece) in self.refs.list.drain(..) {
+            if offset > at {
+                into.push_back(copied.split_to(offset - at));
+                at = offset;
+            }
+            into.push_back(piece);
+        }
+        if !copied.is_empty() {
+            into.push_back(copied);
+        }
+        self.refs.len = 0;
     }
 }
 
@@ -1882,6 +1981,45 @@ fn unpin(piece: Bytes) -> Bytes {
         Bytes::copy_from_slice(&piece)
     } else {
         piece
+    }
+}
+
+/// The body of a message that spans DATA frames, collected without copying large pieces
+/// (each stays a slice of its read buffer) and joined once, at its exact size, when
+/// complete: growing one buffer would copy the body again at every doubling.
+#[derive(Default)]
+struct Body {
+    pieces: Vec<Bytes>,
+    /// Small pieces, copied (see [`UNPIN_BELOW`]), since the last large one.
+    tail: BytesMut,
+    len: usize,
+}
+
+impl Body {
+    fn push(&mut self, piece: Bytes) {
+        self.len += piece.len();
+        if piece.len() < UNPIN_BELOW {
+            self.tail.extend_from_slice(&piece);
+        } else {
+            if !self.tail.is_empty() {
+                self.pieces.push(self.tail.split().freeze());
+            }
+            self.pieces.push(piece);
+        }
+    }
+
+    fn join(mut self) -> Bytes {
+        if !self.tail.is_empty() {
+            self.pieces.push(self.tail.freeze());
+        }
+        if self.pieces.len() == 1 {
+            return self.pieces.pop().expect("one piece");
+        }
+        let mut body = BytesMut::with_capacity(self.len);
+        for p in &self.pieces {
+            body.extend_from_slice(p);
+        }
+        body.freeze()
     }
 }
 

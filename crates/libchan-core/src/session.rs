@@ -21,7 +21,7 @@ use crate::conn::{Connection, ConnectionStats};
 use crate::driver::{Link, MuxConnection};
 use crate::error::{Error, ErrorKind};
 use crate::frame::StreamKind;
-use crate::message::{InMessage, OutMessage, OutRef, RefKind, WireRef};
+use crate::message::{InMessage, OutMessage, OutRef, RefKind, WireRef, MESSAGE_HEADER_LEN};
 use crate::mux::Role;
 
 /// A type that can be sent on a channel.
@@ -567,15 +567,26 @@ pub(crate) fn encode_message<T: Message>(
         }
         return Err(e);
     }
-    if ctx.refs.len() > u16::MAX as usize || buf.len() > u32::MAX as usize {
-        for a in ctx.attach.into_iter().flatten() {
-            a.restore();
-        }
-        return Err(Error::limit(
+    let over = if ctx.refs.len() > u16::MAX as usize {
+        Some(Error::limit(
             "references per message",
             u64::from(u16::MAX),
             ctx.refs.len() as u64,
-        ));
+        ))
+    } else if buf.len() - MESSAGE_HEADER_LEN > u32::MAX as usize {
+        Some(Error::limit(
+            "payload length (u32 on the wire)",
+            u64::from(u32::MAX),
+            (buf.len() - MESSAGE_HEADER_LEN) as u64,
+        ))
+    } else {
+        None
+    };
+    if let Some(e) = over {
+        for a in ctx.attach.into_iter().flatten() {
+            a.restore();
+        }
+        return Err(e);
     }
     let msg = OutMessage::finish(buf, ctx.refs, ctx.fds);
     Ok((msg, ctx.attach))

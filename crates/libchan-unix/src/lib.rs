@@ -243,8 +243,21 @@ impl LinkWrite for UnixWrite {
         buf: &[u8],
         fds: &[OwnedFd],
     ) -> Poll<io::Result<usize>> {
+        self.poll_write_vectored_fds(cx, &[IoSlice::new(buf)], fds)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_write_vectored_fds(
+        &mut self,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+        fds: &[OwnedFd],
+    ) -> Poll<io::Result<usize>> {
         if fds.is_empty() {
-            return Pin::new(&mut self.0).poll_write(cx, buf);
+            return Pin::new(&mut self.0).poll_write_vectored(cx, bufs);
         }
         let sock: &UnixStream = self.0.as_ref();
         let raw: Vec<RawFd> = fds.iter().map(AsRawFd::as_raw_fd).collect();
@@ -255,7 +268,7 @@ impl LinkWrite for UnixWrite {
                 Poll::Ready(Ok(())) => {}
             }
             let fd = sock.as_raw_fd();
-            let res = sock.try_io(Interest::WRITABLE, || send_with_fds(fd, buf, &raw));
+            let res = sock.try_io(Interest::WRITABLE, || send_with_fds(fd, bufs, &raw));
             match res {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 r => return Poll::Ready(r),
@@ -268,10 +281,10 @@ impl LinkWrite for UnixWrite {
     }
 }
 
-fn send_with_fds(fd: RawFd, buf: &[u8], raw: &[RawFd]) -> io::Result<usize> {
+fn send_with_fds(fd: RawFd, bufs: &[IoSlice<'_>], raw: &[RawFd]) -> io::Result<usize> {
     socket::sendmsg::<()>(
         fd,
-        &[IoSlice::new(buf)],
+        bufs,
         &[ControlMessage::ScmRights(raw)],
         MsgFlags::MSG_NOSIGNAL | MsgFlags::MSG_DONTWAIT,
         None,
@@ -311,9 +324,9 @@ mod tests {
         for round in 0..50u8 {
             // Plain, then with a descriptor, then plain: all queued before the read.
             let file = std::fs::File::open("/dev/null").unwrap();
-            send_with_fds(raw, &[round; 10], &[]).unwrap();
-            send_with_fds(raw, &[round; 10], &[file.as_raw_fd()]).unwrap();
-            send_with_fds(raw, &[round; 10], &[]).unwrap();
+            send_with_fds(raw, &[IoSlice::new(&[round; 10])], &[]).unwrap();
+            send_with_fds(raw, &[IoSlice::new(&[round; 10])], &[file.as_raw_fd()]).unwrap();
+            send_with_fds(raw, &[IoSlice::new(&[round; 10])], &[]).unwrap();
             let (buf, fds) = tokio::time::timeout(guard, read_all(&mut *r, 30))
                 .await
                 .expect("queued segments were not read");
@@ -322,7 +335,7 @@ mod tests {
             // A segment that arrives after the reader found the queue empty wakes it.
             let late = tokio::spawn(async move {
                 tokio::task::yield_now().await;
-                send_with_fds(raw, &[round; 5], &[]).unwrap();
+                send_with_fds(raw, &[IoSlice::new(&[round; 5])], &[]).unwrap();
             });
             let (buf, _) = tokio::time::timeout(guard, read_all(&mut *r, 5))
                 .await
