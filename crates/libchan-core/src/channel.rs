@@ -735,7 +735,15 @@ impl<T> Drop for Receiver<T> {
         // still queued and releases what those messages reference); a local channel's
         // feeds are dropped and forgotten here.
         let taken = self.slot.lock().unwrap_or_else(|e| e.into_inner()).take();
-        if let Some(RecvInner::Local { feeds, .. }) = taken {
+        if let Some(RecvInner::Local { mut rx, feeds, .. }) = taken {
+            // The channel keeps the waker of the last poll until its last sender is gone,
+            // and clearing the feeds below may drop that sender: it would wake the task
+            // that is dropping this receiver, which tokio then reschedules behind the
+            // others and hands to an idle worker thread (a futex wake per reply in the
+            // request/reply pattern). Replace that waker with one that does nothing.
+            rx.close();
+            let _ = rx.poll_recv(&mut Context::from_waker(std::task::Waker::noop()));
+            drop(rx);
             feeds.clear();
             feeds.set_end(false);
         }

@@ -53,3 +53,57 @@ async fn serializing_an_end_outside_a_send_is_an_error_not_a_panic() {
     // The ends still work afterwards.
     tx.send(1).await.expect("send");
 }
+
+/// A reply channel's receiver, dropped after its one reply came over a session, does not
+/// wake its own task: the sender copy the session held for the peer goes away inside the
+/// drop, and a self-wake makes tokio reschedule the task behind the others and wake an
+/// idle worker thread for it (a futex wake per request in the request/reply pattern).
+#[tokio::test]
+async fn dropping_a_reply_receiver_does_not_wake_its_task() {
+    use libchan_core::driver::IoLink;
+    use libchan_core::mux::Role;
+    use libchan_core::{channel, Config, Sender, Session};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use std::task::{Context, Wake, Waker};
+
+    struct Counting(AtomicUsize, Waker);
+    impl Wake for Counting {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            self.1.wake_by_ref();
+        }
+    }
+
+    let (x, y) = tokio::io::duplex(1 << 16);
+    let config = Config::new(libchan_codec_cbor::Cbor);
+    let (a, b) = tokio::join!(
+        Session::over_link(IoLink::new(x), Role::Dialer, &config),
+        Session::over_link(IoLink::new(y), Role::Listener, &config)
+    );
+    let (a, b) = (a.unwrap(), b.unwrap());
+    let tx = a.open::<Sender<u8>>().await.unwrap();
+    let mut rx = b.accept::<Sender<u8>>().await.unwrap().unwrap();
+    let (reply, mut answer) = channel::<u8>(1);
+    tx.send(reply).await.unwrap();
+    let back = rx.recv().await.unwrap().unwrap();
+    back.send(5).await.unwrap();
+    drop(back);
+    let mut counter = None;
+    let got = std::future::poll_fn(|cx| {
+        let c = counter
+            .get_or_insert_with(|| Arc::new(Counting(AtomicUsize::new(0), cx.waker().clone())))
+            .clone();
+        answer.poll_recv(&mut Context::from_waker(&Waker::from(c)))
+    })
+    .await;
+    assert_eq!(got.unwrap(), Some(5));
+    let counter = counter.unwrap();
+    let before = counter.0.load(Ordering::SeqCst);
+    drop(answer);
+    assert_eq!(
+        counter.0.load(Ordering::SeqCst),
+        before,
+        "the drop woke its own task"
+    );
+}
