@@ -38,7 +38,12 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     match which % 4 {
-        0 => run(&libchan_codec_cbor::Cbor, rest),
+        0 => {
+            run(&libchan_codec_cbor::Cbor, rest);
+            // The typed path sessions take for CBOR (no type erasure).
+            let _ = libchan_codec_cbor::decode::<serde::de::IgnoredAny>(rest);
+            let _ = libchan_codec_cbor::decode::<Typical>(rest);
+        }
         1 => run(&libchan_codec_json::Json, rest),
         2 => run(&libchan_codec_msgpack::MsgPack, rest),
         _ => run(&libchan_codec_xml::Xml, rest),

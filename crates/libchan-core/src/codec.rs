@@ -27,7 +27,7 @@ use crate::error::Error;
 /// }
 /// assert_eq!(Null.name(), "null");
 /// ```
-pub trait Codec: Send + Sync + std::fmt::Debug + 'static {
+pub trait Codec: std::any::Any + Send + Sync + std::fmt::Debug {
     /// The name announced in the handshake (ASCII, at most 255 bytes), e.g. `"cbor"`.
     fn name(&self) -> &str;
 

@@ -79,6 +79,8 @@
 //! before completion has not sent the message.
 
 pub mod attachment;
+#[cfg(feature = "cbor")]
+pub mod cbor;
 pub mod channel;
 pub mod codec;
 pub mod config;

@@ -123,10 +123,14 @@ impl Session {
                 ),
             )
         })?;
+        #[cfg(feature = "cbor")]
+        let cbor = (&*codec as &dyn Any).is::<crate::cbor::Cbor>();
         Ok(Session {
             inner: Kind::Net(Arc::new(NetSession {
                 conn,
                 codec,
+                #[cfg(feature = "cbor")]
+                cbor,
                 origins: Mutex::new(HashMap::new()),
                 tasks: AtomicUsize::new(0),
             })),
@@ -361,6 +365,10 @@ pub(crate) type ExportedSender = Arc<dyn Any + Send + Sync>;
 pub(crate) struct NetSession {
     pub(crate) conn: Box<dyn Connection>,
     pub(crate) codec: Arc<dyn Codec>,
+    /// The codec is the core's own CBOR: messages are encoded and decoded as their own
+    /// types, without the type-erased seam (same bytes).
+    #[cfg(feature = "cbor")]
+    cbor: bool,
     origins: Mutex<HashMap<u32, Box<dyn Any + Send>>>,
     tasks: AtomicUsize,
 }
@@ -559,6 +567,13 @@ pub(crate) fn encode_message<T: Message>(
     let mut buf = OutMessage::start(buf);
     let prev =
         ENCODE.with(|c| c.replace(Some(NonNull::from(&mut ctx).cast::<EncodeCtx<'static>>())));
+    #[cfg(feature = "cbor")]
+    let res = if session.cbor {
+        crate::cbor::encode(value, &mut buf)
+    } else {
+        session.codec.encode(value, &mut buf)
+    };
+    #[cfg(not(feature = "cbor"))]
     let res = session.codec.encode(value, &mut buf);
     ENCODE.with(|c| c.set(prev));
     if let Err(e) = res {
@@ -609,10 +624,20 @@ pub(crate) fn decode_message<T: Message>(
     let mut out: Option<T> = None;
     let prev =
         DECODE.with(|c| c.replace(Some(NonNull::from(&mut ctx).cast::<DecodeCtx<'static>>())));
-    let res = session.codec.decode(&payload, &mut |d| {
-        out = Some(erased_serde::deserialize::<T>(d)?);
-        Ok(())
-    });
+    let mut erased = || {
+        session.codec.decode(&payload, &mut |d| {
+            out = Some(erased_serde::deserialize::<T>(d)?);
+            Ok(())
+        })
+    };
+    #[cfg(feature = "cbor")]
+    let res = if session.cbor {
+        crate::cbor::decode::<T>(&payload).map(|v| out = Some(v))
+    } else {
+        erased()
+    };
+    #[cfg(not(feature = "cbor"))]
+    let res = erased();
     DECODE.with(|c| c.set(prev));
     if !refs.is_empty() {
         // Streams the decoder did not claim are released; Senders sent back are unpinned.

@@ -3,16 +3,16 @@
 //! Written for libchan's receive path: it borrows strings and byte strings from the input
 //! (no scratch copies), knows the reference tag natively, and is total — every length is
 //! checked against the bytes that remain before anything is allocated, nesting is bounded
-//! by [`MAX_DEPTH`](crate::MAX_DEPTH), and any malformed input is an error naming the byte
+//! by [`MAX_DEPTH`](super::MAX_DEPTH), and any malformed input is an error naming the byte
 //! offset.
 
 use std::fmt;
 
 use serde::de::{self, DeserializeSeed, Visitor};
 
-use crate::{MAX_DEPTH, REF_TAG};
+use super::{MAX_DEPTH, REF_TAG};
 
-/// The newtype-struct name through which [`crate::Cbor::read_ref`] asks for a reference.
+/// The newtype-struct name through which [`super::Cbor::read_ref`] asks for a reference.
 pub(crate) const REF_NAME: &str = "\0libchan-cbor-ref";
 
 const TAG_BIGPOS: u64 = 2;
