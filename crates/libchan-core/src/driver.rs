@@ -489,6 +489,10 @@ async fn write_pieces(
     const MAX_IOV: usize = 64;
     while !pieces.is_empty() {
         let n = poll_fn(|cx| {
+            if pieces.len() == 1 {
+                // One buffer: a plain write, cheaper in the kernel than a vectored one.
+                return w.poll_write_fds(cx, &pieces[0], fds);
+            }
             let mut iov = [IoSlice::new(&[]); MAX_IOV];
             let k = pieces.len().min(MAX_IOV);
             for (slot, p) in iov.iter_mut().zip(pieces.iter()) {

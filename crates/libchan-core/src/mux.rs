@@ -50,7 +50,7 @@ type IdMap<V> = HashMap<u32, V, BuildHasherDefault<IdHasher>>;
 use std::os::fd::OwnedFd;
 use std::task::{Context, Poll, Waker};
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 
 use crate::config::Limits;
 use crate::conn::ConnectionStats;
@@ -1735,10 +1735,13 @@ impl Mux {
                         "message header split across DATA frames on stream {id}"
                     )));
                 }
-                let h = payload.split_to(MESSAGE_HEADER_LEN);
+                // Read in place and advance: a split would touch the read buffer's shared
+                // reference count, which the receiving thread touches too.
+                let h = &payload[..MESSAGE_HEADER_LEN];
                 let payload_len = u32::from_be_bytes([h[0], h[1], h[2], h[3]]) as usize;
                 let nrefs = usize::from(u16::from_be_bytes([h[4], h[5]]));
                 let nfds = usize::from(u16::from_be_bytes([h[6], h[7]]));
+                payload.advance(MESSAGE_HEADER_LEN);
                 if nfds > self.fd_in.len() {
                     return Err(Error::protocol(format!(
                         "message on stream {id} announces {nfds} descriptors, {} arrived",
@@ -1770,7 +1773,7 @@ impl Mux {
                     None
                 };
                 if discard.is_none() && payload.len() >= body_len {
-                    let body = unpin(payload.split_to(body_len));
+                    let body = take_unpinned(&mut payload, body_len);
                     s.buffered += total;
                     let item = complete(body, payload_len, nrefs, fds);
                     if item.is_err() {
@@ -1976,6 +1979,18 @@ fn pin(pins: &mut Vec<u32>, item: &RecvItem) {
 /// times what is counted.
 const UNPIN_BELOW: usize = 32 * 1024;
 
+/// Takes the first `n` bytes of `buf` as with `split_to`, copying them out when they are
+/// few (see [`UNPIN_BELOW`]) without first making a shared slice of the read buffer.
+fn take_unpinned(buf: &mut Bytes, n: usize) -> Bytes {
+    if n < UNPIN_BELOW {
+        let piece = Bytes::copy_from_slice(&buf[..n]);
+        buf.advance(n);
+        piece
+    } else {
+        buf.split_to(n)
+    }
+}
+
 fn unpin(piece: Bytes) -> Bytes {
     if piece.len() < UNPIN_BELOW {
         Bytes::copy_from_slice(&piece)
@@ -2025,6 +2040,14 @@ impl Body {
 
 fn complete(body: Bytes, payload_len: usize, nrefs: usize, fds: Vec<OwnedFd>) -> RecvItem {
     let mut payload = body;
+    if nrefs == 0 {
+        // No table to split off (a split would allocate a shared handle for the empty tail).
+        return Ok(InMessage {
+            payload,
+            refs: Vec::new(),
+            fds,
+        });
+    }
     let refs_bytes = payload.split_off(payload_len);
     let mut refs = Vec::with_capacity(nrefs);
     for r in refs_bytes.chunks_exact(REF_LEN) {

@@ -243,6 +243,9 @@ impl LinkWrite for UnixWrite {
         buf: &[u8],
         fds: &[OwnedFd],
     ) -> Poll<io::Result<usize>> {
+        if fds.is_empty() {
+            return Pin::new(&mut self.0).poll_write(cx, buf);
+        }
         self.poll_write_vectored_fds(cx, &[IoSlice::new(buf)], fds)
     }
 
