@@ -4,18 +4,20 @@
 //! yours) implements [`Link`] and calls [`crate::Session::over_link`]. Two tasks do the IO:
 //! a reader that feeds [`Mux::handle_input`] and wakes receivers, and a writer that batches
 //! whatever [`Mux::poll_transmit`] produces into few large writes. Senders never wait for
-//! the writer: they queue under a short lock and notify it.
+//! the writer: they queue under a short lock and notify it. Over a link that writes
+//! vectored ([`LinkWrite::is_write_vectored`]), the writer takes batches from
+//! [`Mux::poll_transmit_batch`] instead: frame headers and small pieces copied into one
+//! buffer, message pieces of 4 KiB or more handed to `writev`/`sendmsg` where they are.
 
+use std::collections::VecDeque;
 use std::fmt;
 use std::future::poll_fn;
 use std::io;
+use std::io::IoSlice;
 use std::os::fd::OwnedFd;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
-
-use std::collections::VecDeque;
-use std::io::IoSlice;
 
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -407,8 +409,14 @@ async fn read_loop(shared: Arc<Shared>, mut r: Box<dyn LinkRead>) {
 
 async fn write_loop(shared: Arc<Shared>, mut w: Box<dyn LinkWrite>) {
     let vectored = w.is_write_vectored();
-    let mut out = BytesMut::with_capacity(WRITE_BATCH + 64 * 1024);
-    let mut batch = Batch::new(WRITE_BATCH + 64 * 1024);
+    // Only the buffer of the mode in use is allocated.
+    let (flat, by_ref) = if vectored {
+        (0, WRITE_BATCH + 64 * 1024)
+    } else {
+        (WRITE_BATCH + 64 * 1024, 0)
+    };
+    let mut out = BytesMut::with_capacity(flat);
+    let mut batch = Batch::new(by_ref);
     let mut pieces: VecDeque<Bytes> = VecDeque::new();
     let mut fds: Vec<OwnedFd> = Vec::new();
     loop {
