@@ -122,6 +122,19 @@ fn codec_path(c: &mut Criterion) {
             black_box(out)
         })
     });
+    g.bench_function("encode typed (what CBOR sessions do)", |bench| {
+        let mut out = Vec::with_capacity(128);
+        bench.iter(|| {
+            out.clear();
+            libchan_core::cbor::encode(black_box(&msg), &mut out).expect("encode");
+        })
+    });
+    g.bench_function("decode typed (what CBOR sessions do)", |bench| {
+        bench.iter(|| {
+            let m: Msg = libchan_core::cbor::decode(black_box(&encoded)).expect("decode");
+            black_box(m)
+        })
+    });
     g.bench_function("decode with ciborium directly", |bench| {
         bench.iter(|| {
             let m: Msg = ciborium::de::from_reader(black_box(&encoded[..])).expect("decode");
