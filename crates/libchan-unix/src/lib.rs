@@ -169,10 +169,12 @@ impl LinkRead for UnixRead {
             let fd = sock.as_raw_fd();
             // A read that returns less than the room it had, and no descriptors, emptied
             // the socket's queue: the kernel glues queued segments into one read and stops
-            // short only after a segment that carried descriptors. Reporting that read to
-            // tokio as `WouldBlock` clears the readiness it saw (and only that: a segment
-            // arriving later sets it again), which saves the read that would only say
-            // EAGAIN — one `recvmsg` of every two on a request/response link.
+            // short only after a segment that carried descriptors (or where the sender's
+            // credentials change, which only `SO_PASSCRED` sockets record; these do not
+            // set it); `short_reads_never_lose_queued_segments` checks it. Reporting that
+            // read to tokio as `WouldBlock` clears the readiness it saw (and only that: a
+            // segment arriving later sets it again), which saves the read that would only
+            // say EAGAIN — one `recvmsg` of every two on a request/response link.
             let room = buf.capacity() - buf.len();
             let before = fds.len();
             let mut done = None;
