@@ -142,7 +142,8 @@ struct Stream {
     msgs: VecDeque<RecvItem>,
     bytes: VecDeque<Bytes>,
     buffered: usize,
-    partial: Option<Partial>,
+    /// Boxed: rare (only messages spanning DATA frames) and large.
+    partial: Option<Box<Partial>>,
     outstanding: u32,
     rx_waker: Option<Waker>,
     // send half
@@ -1715,7 +1716,7 @@ impl Mux {
                         p.counted += take;
                     }
                     if p.need == 0 {
-                        let p = s.partial.take().expect("present");
+                        let p = *s.partial.take().expect("present");
                         if !p.discard {
                             s.buffered += MESSAGE_HEADER_LEN + p.body.len;
                             let item = complete(p.body.join(), p.payload_len, p.nrefs, p.fds)
@@ -1793,7 +1794,7 @@ impl Mux {
                     if body_len == 0 {
                         continue;
                     }
-                    s.partial = Some(Partial {
+                    s.partial = Some(Box::new(Partial {
                         body: Body::default(),
                         need: body_len,
                         payload_len,
@@ -1801,11 +1802,11 @@ impl Mux {
                         fds: Vec::new(),
                         discard: true,
                         counted: 0,
-                    });
+                    }));
                     continue;
                 }
                 debug_assert!(!discarding);
-                s.partial = Some(Partial {
+                s.partial = Some(Box::new(Partial {
                     body: Body::default(),
                     need: body_len,
                     payload_len,
@@ -1813,7 +1814,7 @@ impl Mux {
                     fds,
                     discard: false,
                     counted: MESSAGE_HEADER_LEN,
-                });
+                }));
             }
         }
         // The session total is settled by `handle_frame` after this frame; judge the
