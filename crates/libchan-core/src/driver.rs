@@ -408,63 +408,26 @@ async fn read_loop(shared: Arc<Shared>, mut r: Box<dyn LinkRead>) {
 }
 
 async fn write_loop(shared: Arc<Shared>, mut w: Box<dyn LinkWrite>) {
-    let vectored = w.is_write_vectored();
-    // Only the buffer of the mode in use is allocated.
-    let (flat, by_ref) = if vectored {
-        (0, WRITE_BATCH + 64 * 1024)
+    let mut batch = if w.is_write_vectored() {
+        Batch::new(WRITE_BATCH + 64 * 1024)
     } else {
-        (WRITE_BATCH + 64 * 1024, 0)
+        Batch::copying(WRITE_BATCH + 64 * 1024)
     };
-    let mut out = BytesMut::with_capacity(flat);
-    let mut batch = Batch::new(by_ref);
     let mut pieces: VecDeque<Bytes> = VecDeque::new();
     let mut fds: Vec<OwnedFd> = Vec::new();
     loop {
         let (lost, drained) = shared.with(|m| {
-            if vectored {
-                m.poll_transmit_batch(&mut batch, &mut fds, WRITE_BATCH);
-            } else {
-                m.poll_transmit(&mut out, &mut fds, WRITE_BATCH);
-            }
+            m.poll_transmit_batch(&mut batch, &mut fds, WRITE_BATCH);
             (m.lost().is_some(), m.is_drained())
         });
-        let written = if vectored {
-            if batch.is_empty() {
-                false
-            } else {
-                batch.take_pieces(&mut pieces);
-                let res = write_pieces(&mut *w, &mut pieces, &mut fds).await;
-                pieces.clear();
-                if let Err(e) = res {
-                    fail_write(&shared, e);
-                    return;
-                }
-                true
+        if !batch.is_empty() {
+            batch.take_pieces(&mut pieces);
+            let res = write_pieces(&mut *w, &mut pieces, &mut fds).await;
+            pieces.clear();
+            if let Err(e) = res {
+                fail_write(&shared, e);
+                return;
             }
-        } else if out.is_empty() {
-            false
-        } else {
-            let mut pos = 0;
-            while pos < out.len() {
-                match poll_fn(|cx| w.poll_write_fds(cx, &out[pos..], &fds)).await {
-                    Ok(0) => {
-                        fail_write(&shared, write_zero());
-                        return;
-                    }
-                    Ok(n) => {
-                        pos += n;
-                        fds.clear();
-                    }
-                    Err(e) => {
-                        fail_write(&shared, e);
-                        return;
-                    }
-                }
-            }
-            out.clear();
-            true
-        };
-        if written {
             if let Err(e) = poll_fn(|cx| w.poll_flush(cx)).await {
                 fail_write(&shared, e);
                 return;
@@ -483,11 +446,8 @@ async fn write_loop(shared: Arc<Shared>, mut w: Box<dyn LinkWrite>) {
     }
 }
 
-fn write_zero() -> io::Error {
-    io::Error::new(io::ErrorKind::WriteZero, "wrote 0 bytes")
-}
-
-/// Writes `pieces` whole with vectored writes; `fds` go with the first byte.
+/// Writes `pieces` whole (one buffer with plain writes, several with vectored writes);
+/// `fds` go with the first byte.
 async fn write_pieces(
     w: &mut dyn LinkWrite,
     pieces: &mut VecDeque<Bytes>,
@@ -510,7 +470,7 @@ async fn write_pieces(
         })
         .await?;
         if n == 0 {
-            return Err(write_zero());
+            return Err(io::Error::new(io::ErrorKind::WriteZero, "wrote 0 bytes"));
         }
         fds.clear();
         let mut left = n;

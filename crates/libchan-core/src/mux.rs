@@ -1148,7 +1148,8 @@ impl Mux {
     /// assert!(batch.is_empty());
     /// ```
     pub fn poll_transmit_batch(&mut self, out: &mut Batch, fds: &mut Vec<OwnedFd>, max: usize) {
-        self.transmit(&mut out.buf, Some(&mut out.refs), fds, max);
+        let refs = out.by_reference.then_some(&mut out.refs);
+        self.transmit(&mut out.buf, refs, fds, max);
     }
 
     fn transmit(
@@ -1850,11 +1851,12 @@ struct Refs {
 /// One batch of frames to write, filled by [`Mux::poll_transmit_batch`]: frame headers
 /// and small pieces copied into one buffer, message pieces of at least
 /// [`BY_REFERENCE`](Batch::BY_REFERENCE) bytes referenced where they are (no copy), for a
-/// vectored write.
+/// vectored write — or, made with [`Batch::copying`], everything copied into one buffer.
 #[derive(Debug)]
 pub struct Batch {
     buf: BytesMut,
     refs: Refs,
+    by_reference: bool,
 }
 
 impl Batch {
@@ -1866,6 +1868,27 @@ impl Batch {
         Batch {
             buf: BytesMut::with_capacity(capacity),
             refs: Refs::default(),
+            by_reference: true,
+        }
+    }
+
+    /// An empty batch that copies every piece, so that it is always one buffer (for a
+    /// link that does not write vectored).
+    ///
+    /// ```
+    /// use libchan_core::mux::{Batch, Mux, Role};
+    /// use libchan_core::Limits;
+    /// let mut a = Mux::new(Role::Dialer, Limits::default(), vec!["cbor".into()]);
+    /// let mut batch = Batch::copying(1024);
+    /// a.poll_transmit_batch(&mut batch, &mut Vec::new(), 1 << 16);
+    /// let mut pieces = std::collections::VecDeque::new();
+    /// batch.take_pieces(&mut pieces);
+    /// assert_eq!(pieces.len(), 1);
+    /// ```
+    pub fn copying(capacity: usize) -> Self {
+        Batch {
+            by_reference: false,
+            ..Batch::new(capacity)
         }
     }
 

@@ -382,6 +382,31 @@ impl fmt::Debug for NetSession {
 }
 
 impl NetSession {
+    /// Appends a value's payload: through the codec seam, or directly when the codec is
+    /// the core's CBOR (same bytes, without type erasure).
+    fn encode_payload<T: Message>(&self, value: &T, out: &mut Vec<u8>) -> Result<(), Error> {
+        #[cfg(feature = "cbor")]
+        if self.cbor {
+            return crate::cbor::encode(value, out);
+        }
+        self.codec.encode(value, out)
+    }
+
+    /// Decodes a payload as a `T`, the counterpart of
+    /// [`encode_payload`](NetSession::encode_payload).
+    fn decode_payload<T: Message>(&self, payload: &[u8]) -> Result<T, Error> {
+        #[cfg(feature = "cbor")]
+        if self.cbor {
+            return crate::cbor::decode(payload);
+        }
+        let mut out = None;
+        self.codec.decode(payload, &mut |d| {
+            out = Some(erased_serde::deserialize::<T>(d)?);
+            Ok(())
+        })?;
+        out.ok_or_else(|| Error::decode("codec produced no value"))
+    }
+
     /// Spawns a forwarding task, counted in [`SessionStats::tasks`].
     pub(crate) fn spawn(
         self: &Arc<Self>,
@@ -567,14 +592,7 @@ pub(crate) fn encode_message<T: Message>(
     let mut buf = OutMessage::start(buf);
     let prev =
         ENCODE.with(|c| c.replace(Some(NonNull::from(&mut ctx).cast::<EncodeCtx<'static>>())));
-    #[cfg(feature = "cbor")]
-    let res = if session.cbor {
-        crate::cbor::encode(value, &mut buf)
-    } else {
-        session.codec.encode(value, &mut buf)
-    };
-    #[cfg(not(feature = "cbor"))]
-    let res = session.codec.encode(value, &mut buf);
+    let res = session.encode_payload(value, &mut buf);
     ENCODE.with(|c| c.set(prev));
     if let Err(e) = res {
         for a in ctx.attach.into_iter().flatten() {
@@ -621,28 +639,13 @@ pub(crate) fn decode_message<T: Message>(
         used: vec![false; refs.len()],
         fds: fds.into_iter().map(Some).collect(),
     };
-    let mut out: Option<T> = None;
     let prev =
         DECODE.with(|c| c.replace(Some(NonNull::from(&mut ctx).cast::<DecodeCtx<'static>>())));
-    let mut erased = || {
-        session.codec.decode(&payload, &mut |d| {
-            out = Some(erased_serde::deserialize::<T>(d)?);
-            Ok(())
-        })
-    };
-    #[cfg(feature = "cbor")]
-    let res = if session.cbor {
-        crate::cbor::decode::<T>(&payload).map(|v| out = Some(v))
-    } else {
-        erased()
-    };
-    #[cfg(not(feature = "cbor"))]
-    let res = erased();
+    let res = session.decode_payload::<T>(&payload);
     DECODE.with(|c| c.set(prev));
     if !refs.is_empty() {
         // Streams the decoder did not claim are released; Senders sent back are unpinned.
         session.conn.release_refs(&refs);
     }
-    res?;
-    out.ok_or_else(|| Error::decode("codec produced no value"))
+    res
 }
