@@ -274,7 +274,7 @@ impl Connection for NativeConn {
             }
         }
         let m = InMessage {
-            payload: Bytes::copy_from_slice(msg.payload()),
+            payload: Bytes::copy_from_slice(&msg.payload()),
             refs: msg.wire_refs(),
             fds: msg.take_fds(),
         };

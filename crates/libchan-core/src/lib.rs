@@ -79,6 +79,7 @@
 //! before completion has not sent the message.
 
 pub mod attachment;
+mod blob;
 #[cfg(feature = "cbor")]
 pub mod cbor;
 pub mod channel;
@@ -94,6 +95,7 @@ pub mod session;
 pub mod stream;
 
 pub use attachment::{Attachment, AttachmentKind};
+pub use blob::Blob;
 pub use channel::{channel, Receiver, Sender};
 pub use codec::Codec;
 pub use config::{Config, Limits};

@@ -10,6 +10,7 @@
 //! +-------------------+-------------+-------------+------------------+------------------------+
 //! ```
 
+use std::borrow::Cow;
 use std::fmt;
 use std::os::fd::OwnedFd;
 
@@ -106,9 +107,16 @@ pub enum OutRef {
 
 /// A message ready to be queued on a channel stream.
 ///
-/// Built by the session layer: header placeholder, codec payload, reference slots.
+/// Built by the session layer: header, codec payload, reference table. Large
+/// [`Blob`](crate::Blob)s in the payload may be held by reference (spliced) rather than
+/// copied in; [`pieces`](OutMessage::pieces) yields the message's bytes in order either
+/// way.
 pub struct OutMessage {
+    /// Header, payload and reference table, without the spliced blobs.
     pub(crate) buf: Vec<u8>,
+    /// Blobs referenced instead of copied: (offset in `buf` where they go, bytes), in
+    /// increasing offset order.
+    pub(crate) splices: Vec<(usize, Bytes)>,
     pub(crate) payload_len: usize,
     pub(crate) refs: Vec<OutRef>,
     pub(crate) fds: Vec<OwnedFd>,
@@ -117,7 +125,8 @@ pub struct OutMessage {
 impl fmt::Debug for OutMessage {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("OutMessage")
-            .field("len", &self.buf.len())
+            .field("len", &self.len())
+            .field("spliced", &self.splices.len())
             .field("refs", &self.refs)
             .field("fds", &self.fds.len())
             .finish()
@@ -134,8 +143,29 @@ impl OutMessage {
     }
 
     /// Finishes a message whose payload was appended to a buffer from [`OutMessage::start`].
-    pub fn finish(mut buf: Vec<u8>, refs: Vec<OutRef>, fds: Vec<OwnedFd>) -> OutMessage {
-        let payload_len = buf.len() - MESSAGE_HEADER_LEN;
+    ///
+    /// ```
+    /// use libchan_core::message::OutMessage;
+    /// let mut buf = OutMessage::start(Vec::new());
+    /// buf.push(0xF6); // CBOR null
+    /// let m = OutMessage::finish(buf, Vec::new(), Vec::new());
+    /// assert_eq!(m.to_vec(), [0, 0, 0, 1, 0, 0, 0, 0, 0xF6]);
+    /// ```
+    pub fn finish(buf: Vec<u8>, refs: Vec<OutRef>, fds: Vec<OwnedFd>) -> OutMessage {
+        Self::finish_spliced(buf, Vec::new(), refs, fds)
+    }
+
+    /// [`finish`](OutMessage::finish) for a payload with spliced blobs (offsets in `buf`,
+    /// increasing).
+    pub(crate) fn finish_spliced(
+        mut buf: Vec<u8>,
+        splices: Vec<(usize, Bytes)>,
+        refs: Vec<OutRef>,
+        fds: Vec<OwnedFd>,
+    ) -> OutMessage {
+        debug_assert!(splices.windows(2).all(|w| w[0].0 <= w[1].0));
+        let spliced: usize = splices.iter().map(|(_, b)| b.len()).sum();
+        let payload_len = buf.len() - MESSAGE_HEADER_LEN + spliced;
         buf[0..4].copy_from_slice(&(payload_len as u32).to_be_bytes());
         buf[4..6].copy_from_slice(&(refs.len() as u16).to_be_bytes());
         buf[6..8].copy_from_slice(&(fds.len() as u16).to_be_bytes());
@@ -149,6 +179,7 @@ impl OutMessage {
         }
         OutMessage {
             buf,
+            splices,
             payload_len,
             refs,
             fds,
@@ -157,22 +188,79 @@ impl OutMessage {
 
     /// Total length on the wire.
     pub fn len(&self) -> usize {
-        self.buf.len()
+        self.buf.len() + self.splices.iter().map(|(_, b)| b.len()).sum::<usize>()
     }
 
     /// True if the message has no bytes (never the case for a finished message).
     pub fn is_empty(&self) -> bool {
-        self.buf.is_empty()
+        self.len() == 0
     }
 
-    /// The whole message as it goes on a channel stream: header, payload, references.
-    pub fn as_bytes(&self) -> &[u8] {
-        &self.buf
+    /// The whole message as it goes on a channel stream (header, payload, references), as
+    /// consecutive pieces: more than one where blobs are held by reference.
+    pub fn pieces(&self) -> impl Iterator<Item = &[u8]> + '_ {
+        let mut at = 0;
+        let mut out = Vec::with_capacity(self.splices.len() * 2 + 1);
+        for (off, b) in &self.splices {
+            out.push(&self.buf[at..*off]);
+            out.push(&b[..]);
+            at = *off;
+        }
+        out.push(&self.buf[at..]);
+        out.into_iter().filter(|p| !p.is_empty())
     }
 
-    /// The codec payload.
-    pub fn payload(&self) -> &[u8] {
-        &self.buf[MESSAGE_HEADER_LEN..MESSAGE_HEADER_LEN + self.payload_len]
+    /// The whole message in one buffer (a copy).
+    pub fn to_vec(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(self.len());
+        for p in self.pieces() {
+            v.extend_from_slice(p);
+        }
+        v
+    }
+
+    /// Splits the message into its bytes as shared pieces (in order, none empty) and its
+    /// descriptors.
+    pub(crate) fn into_chunks(self) -> (Vec<Bytes>, Vec<OwnedFd>) {
+        if self.splices.is_empty() {
+            return (vec![Bytes::from(self.buf)], self.fds);
+        }
+        let buf = Bytes::from(self.buf);
+        let mut out = Vec::with_capacity(self.splices.len() * 2 + 1);
+        let mut at = 0;
+        for (off, b) in self.splices {
+            if off > at {
+                out.push(buf.slice(at..off));
+            }
+            out.push(b);
+            at = off;
+        }
+        if at < buf.len() {
+            out.push(buf.slice(at..));
+        }
+        (out, self.fds)
+    }
+
+    /// The codec payload's length.
+    pub fn payload_len(&self) -> usize {
+        self.payload_len
+    }
+
+    /// The codec payload: borrowed, or joined into one buffer if blobs were spliced in.
+    pub fn payload(&self) -> Cow<'_, [u8]> {
+        let end = self.table_at();
+        if self.splices.is_empty() {
+            return Cow::Borrowed(&self.buf[MESSAGE_HEADER_LEN..end]);
+        }
+        let mut v = Vec::with_capacity(self.payload_len);
+        let mut at = MESSAGE_HEADER_LEN;
+        for (off, b) in &self.splices {
+            v.extend_from_slice(&self.buf[at..*off]);
+            v.extend_from_slice(b);
+            at = *off;
+        }
+        v.extend_from_slice(&self.buf[at..end]);
+        Cow::Owned(v)
     }
 
     /// The references, in table order. [`OutRef::New`] entries need a stream opened by
@@ -192,8 +280,7 @@ impl OutMessage {
 
     /// The reference table as the receiver will see it (ids as recorded so far).
     pub fn wire_refs(&self) -> Vec<WireRef> {
-        let at = MESSAGE_HEADER_LEN + self.payload_len;
-        self.buf[at..]
+        self.buf[self.table_at()..]
             .chunks_exact(REF_LEN)
             .filter_map(|r| {
                 Some(WireRef {
@@ -209,9 +296,14 @@ impl OutMessage {
         std::mem::take(&mut self.fds)
     }
 
+    /// Where the reference table starts in `buf` (it is never spliced: it comes last).
+    fn table_at(&self) -> usize {
+        self.buf.len() - self.refs.len() * REF_LEN
+    }
+
     /// Writes the id assigned to the reference at `index`.
     pub(crate) fn patch_id(&mut self, index: usize, id: u32) {
-        let at = MESSAGE_HEADER_LEN + self.payload_len + index * REF_LEN + 1;
+        let at = self.table_at() + index * REF_LEN + 1;
         self.buf[at..at + 4].copy_from_slice(&id.to_be_bytes());
     }
 }

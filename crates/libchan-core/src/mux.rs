@@ -569,11 +569,12 @@ impl Mux {
             peer.max_refs_per_message,
             peer.max_fds_per_message,
         );
-        if msg.buf.len() > max_msg as usize {
+        let len = msg.len();
+        if len > max_msg as usize {
             return Err(Error::limit(
                 "peer's max_message_size",
                 u64::from(max_msg),
-                msg.buf.len() as u64,
+                len as u64,
             ));
         }
         if msg.refs.len() > usize::from(max_refs) {
@@ -628,14 +629,19 @@ impl Mux {
                 ids.push(nid);
             }
         }
-        let len = msg.buf.len();
+        let (pieces, fds) = msg.into_chunks();
         let s = self.streams.get_mut(&id).expect("checked above");
-        s.queue.push_back(Chunk {
-            data: Bytes::from(msg.buf),
-            pos: 0,
-            fds: msg.fds,
-            message: true,
-        });
+        let mut fds = Some(fds);
+        for (i, data) in pieces.into_iter().enumerate() {
+            // The first piece starts with the message header (never spliced); the rest
+            // continue the message like byte-stream data.
+            s.queue.push_back(Chunk {
+                data,
+                pos: 0,
+                fds: fds.take().unwrap_or_default(),
+                message: i == 0,
+            });
+        }
         s.pending += len;
         self.mark_ready(id);
         Ok(ids)

@@ -10,6 +10,7 @@ use std::ptr::NonNull;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
+use bytes::Bytes;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::sync::mpsc;
@@ -382,12 +383,21 @@ impl fmt::Debug for NetSession {
 }
 
 impl NetSession {
+    /// True if this session's encoder references large [`Blob`](crate::Blob)s instead of
+    /// copying them (the built-in CBOR path).
+    fn splices(&self) -> bool {
+        #[cfg(feature = "cbor")]
+        return self.cbor;
+        #[cfg(not(feature = "cbor"))]
+        false
+    }
+
     /// Appends a value's payload: through the codec seam, or directly when the codec is
     /// the core's CBOR (same bytes, without type erasure).
     fn encode_payload<T: Message>(&self, value: &T, out: &mut Vec<u8>) -> Result<(), Error> {
         #[cfg(feature = "cbor")]
         if self.cbor {
-            return crate::cbor::encode(value, out);
+            return crate::cbor::encode_spliced(value, out);
         }
         self.codec.encode(value, out)
     }
@@ -491,9 +501,38 @@ pub(crate) struct EncodeCtx<'a> {
     pub(crate) refs: Vec<OutRef>,
     pub(crate) attach: Attachments,
     pub(crate) fds: Vec<OwnedFd>,
+    /// True if the encoder splices blobs (see [`crate::Blob`]): blobs offer their bytes.
+    pub(crate) splicing: bool,
+    /// Blobs being serialized whose bytes the encoder has not written yet.
+    pub(crate) offers: Vec<Bytes>,
+    /// Blobs the encoder referenced instead of copying: (offset in the buffer, bytes).
+    pub(crate) splices: Vec<(usize, Bytes)>,
 }
 
 impl EncodeCtx<'_> {
+    /// A blob about to be serialized offers its bytes to a splicing encoder.
+    pub(crate) fn offer_blob(&mut self, b: &Bytes) {
+        if self.splicing {
+            self.offers.push(b.clone());
+        }
+    }
+
+    /// The encoder is about to write `data` at offset `at`: true if `data` is an offered
+    /// blob's memory, now recorded as a splice (the encoder then skips the copy).
+    #[cfg_attr(not(feature = "cbor"), allow(dead_code))]
+    pub(crate) fn take_offer(&mut self, data: &[u8], at: usize) -> bool {
+        let Some(i) = self
+            .offers
+            .iter()
+            .position(|b| b.as_ptr() == data.as_ptr() && b.len() == data.len())
+        else {
+            return false;
+        };
+        let b = self.offers.swap_remove(i);
+        self.splices.push((at, b));
+        true
+    }
+
     /// Adds a reference; returns the codec's marker for it.
     pub(crate) fn push(
         &mut self,
@@ -509,6 +548,8 @@ impl EncodeCtx<'_> {
 
 pub(crate) struct DecodeCtx<'a> {
     pub(crate) session: &'a Arc<NetSession>,
+    /// The payload being decoded (blobs may share it).
+    pub(crate) payload: &'a Bytes,
     pub(crate) parent: u32,
     pub(crate) refs: &'a [WireRef],
     pub(crate) used: Vec<bool>,
@@ -516,6 +557,16 @@ pub(crate) struct DecodeCtx<'a> {
 }
 
 impl DecodeCtx<'_> {
+    /// `v` as a shared slice of the payload, if it lies within it.
+    pub(crate) fn share(&self, v: &[u8]) -> Option<Bytes> {
+        let (start, end) = (
+            self.payload.as_ptr() as usize,
+            self.payload.as_ptr() as usize + self.payload.len(),
+        );
+        let p = v.as_ptr() as usize;
+        (p >= start && p + v.len() <= end).then(|| self.payload.slice_ref(v))
+    }
+
     /// Takes reference `index` of the expected kind, once.
     pub(crate) fn take(&mut self, index: u32, kinds: &[RefKind]) -> Result<WireRef, String> {
         let i = index as usize;
@@ -588,6 +639,9 @@ pub(crate) fn encode_message<T: Message>(
         refs: Vec::new(),
         attach: Vec::new(),
         fds: Vec::new(),
+        splicing: session.splices(),
+        offers: Vec::new(),
+        splices: Vec::new(),
     };
     let mut buf = OutMessage::start(buf);
     let prev =
@@ -600,17 +654,19 @@ pub(crate) fn encode_message<T: Message>(
         }
         return Err(e);
     }
+    let spliced: usize = ctx.splices.iter().map(|(_, b)| b.len()).sum();
+    let payload_len = buf.len() - MESSAGE_HEADER_LEN + spliced;
     let over = if ctx.refs.len() > u16::MAX as usize {
         Some(Error::limit(
             "references per message",
             u64::from(u16::MAX),
             ctx.refs.len() as u64,
         ))
-    } else if buf.len() - MESSAGE_HEADER_LEN > u32::MAX as usize {
+    } else if payload_len > u32::MAX as usize {
         Some(Error::limit(
             "payload length (u32 on the wire)",
             u64::from(u32::MAX),
-            (buf.len() - MESSAGE_HEADER_LEN) as u64,
+            payload_len as u64,
         ))
     } else {
         None
@@ -621,7 +677,7 @@ pub(crate) fn encode_message<T: Message>(
         }
         return Err(e);
     }
-    let msg = OutMessage::finish(buf, ctx.refs, ctx.fds);
+    let msg = OutMessage::finish_spliced(buf, ctx.splices, ctx.refs, ctx.fds);
     Ok((msg, ctx.attach))
 }
 
@@ -634,6 +690,7 @@ pub(crate) fn decode_message<T: Message>(
     let InMessage { payload, refs, fds } = msg;
     let mut ctx = DecodeCtx {
         session,
+        payload: &payload,
         parent,
         refs: &refs,
         used: vec![false; refs.len()],
@@ -648,4 +705,102 @@ pub(crate) fn decode_message<T: Message>(
         session.conn.release_refs(&refs);
     }
     res
+}
+
+#[cfg(all(test, feature = "cbor"))]
+mod tests {
+    use super::*;
+    use crate::driver::IoLink;
+    use crate::Blob;
+
+    #[derive(Serialize, serde::Deserialize)]
+    struct WithBlobs {
+        a: Blob,
+        small: Blob,
+        b: Vec<Blob>,
+    }
+
+    #[derive(Serialize)]
+    struct WithVecs<'a> {
+        #[serde(with = "serde_bytes")]
+        a: &'a [u8],
+        #[serde(with = "serde_bytes")]
+        small: &'a [u8],
+        b: Vec<&'a serde_bytes::Bytes>,
+    }
+
+    async fn net_pair() -> (Session, Session) {
+        let config = Config::new(crate::cbor::Cbor);
+        let (x, y) = tokio::io::duplex(64 * 1024);
+        let (a, b) = tokio::join!(
+            Session::over_link(IoLink::new(x), Role::Dialer, &config),
+            Session::over_link(IoLink::new(y), Role::Listener, &config),
+        );
+        (a.expect("dialer"), b.expect("listener"))
+    }
+
+    fn net(s: &Session) -> &Arc<NetSession> {
+        match &s.inner {
+            Kind::Net(n) => n,
+            Kind::Mem(_) => panic!("not a connection"),
+        }
+    }
+
+    /// Large blobs are referenced, not copied, and the bytes are what a `Vec<u8>` gives;
+    /// a large received blob shares the payload, a small one is copied out.
+    #[tokio::test]
+    async fn blobs_are_spliced_and_shared() {
+        let (a, _b) = net_pair().await;
+        let x: Vec<u8> = (0..100_000u32).map(|i| i as u8).collect();
+        let y: Vec<u8> = (0..5_000u32).map(|i| (i * 3) as u8).collect();
+        let value = WithBlobs {
+            a: Blob::from(x.clone()),
+            small: Blob::from(vec![9u8; 100]),
+            b: vec![Blob::from(y.clone()), Blob::from(vec![1u8; 10])],
+        };
+        let (msg, _) = encode_message(net(&a), &value, Vec::new()).expect("encode");
+        assert_eq!(msg.splices.len(), 2, "the 100,000 and 5,000-byte blobs");
+        assert!(
+            msg.buf.len() < 200,
+            "blobs not copied: {} bytes",
+            msg.buf.len()
+        );
+        let mut plain = OutMessage::start(Vec::new());
+        crate::cbor::encode(
+            &WithVecs {
+                a: &x,
+                small: &[9; 100],
+                b: vec![
+                    serde_bytes::Bytes::new(&y),
+                    serde_bytes::Bytes::new(&[1; 10]),
+                ],
+            },
+            &mut plain,
+        )
+        .expect("encode");
+        let plain = OutMessage::finish(plain, Vec::new(), Vec::new());
+        assert_eq!(msg.to_vec(), plain.to_vec());
+        assert_eq!(msg.payload().len(), msg.payload_len());
+
+        let whole = Bytes::from(plain.to_vec());
+        let payload = whole.slice(MESSAGE_HEADER_LEN..);
+        let got: WithBlobs = decode_message(
+            net(&a),
+            1,
+            InMessage {
+                payload: payload.clone(),
+                refs: Vec::new(),
+                fds: Vec::new(),
+            },
+        )
+        .expect("decode");
+        assert_eq!(&got.a[..], &x[..]);
+        let inside = |b: &Blob| {
+            let p = b.as_ptr() as usize;
+            p >= payload.as_ptr() as usize && p < payload.as_ptr() as usize + payload.len()
+        };
+        assert!(inside(&got.a), "a 100,000-byte blob shares the payload");
+        assert!(!inside(&got.b[0]), "a 5,000-byte blob is copied out");
+        assert_eq!(&got.b[0][..], &y[..]);
+    }
 }

@@ -47,6 +47,130 @@ async fn open_pair<T: libchan_core::Message>(a: &Session, b: &Session) -> (Sende
     (tx, rx)
 }
 
+#[derive(Serialize, Deserialize)]
+struct WithBlobs {
+    seq: u64,
+    big: libchan_core::Blob,
+    small: libchan_core::Blob,
+    mid: libchan_core::Blob,
+    nested: Vec<libchan_core::Blob>,
+    reply: Sender<libchan_core::Blob>,
+}
+
+/// The same message with `Vec<u8>` byte strings: a peer may use either type.
+#[derive(Serialize, Deserialize)]
+struct WithVecs {
+    seq: u64,
+    #[serde(with = "serde_bytes")]
+    big: Vec<u8>,
+    #[serde(with = "serde_bytes")]
+    small: Vec<u8>,
+    #[serde(with = "serde_bytes")]
+    mid: Vec<u8>,
+    nested: Vec<serde_bytes::ByteBuf>,
+    reply: Sender<libchan_core::Blob>,
+}
+
+fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| (seed as usize * 31 + i * 7) as u8)
+        .collect()
+}
+
+/// Blobs (sent by reference where the codec allows) arrive intact, interleaved with a
+/// channel reference, in messages spanning many frames; a `Blob` and a `serde_bytes`
+/// `Vec<u8>` are the same on the wire in both directions.
+pub async fn blobs(pair: Arc<PairFn>, caps: Caps) {
+    use libchan_core::Blob;
+    let (a, b) = pair().await;
+    let sizes = [(1 << 20) + 3, 5000, 4096, 40_000, 0, 70_000];
+    // Blob -> Blob.
+    let (tx, mut rx) = open_pair::<WithBlobs>(&a, &b).await;
+    for (seq, &len) in sizes.iter().enumerate() {
+        let seq = seq as u64;
+        let big = Blob::from(pattern(seq, len));
+        let (reply, mut answer) = channel(1);
+        let m = WithBlobs {
+            seq,
+            big: big.clone(),
+            small: Blob::from_static(b"tiny"),
+            mid: Blob::from(pattern(seq + 100, 4096)),
+            // The same blob twice in one message, then another.
+            nested: vec![big.clone(), big.clone(), Blob::from(pattern(seq + 7, 9000))],
+            reply,
+        };
+        send(&tx, m).await;
+        let got = recv(&mut rx).await;
+        assert_eq!(got.seq, seq);
+        assert_eq!(got.big, big, "big blob of {len} bytes");
+        assert_eq!(&got.small[..], b"tiny");
+        assert_eq!(&got.mid[..], &pattern(seq + 100, 4096)[..]);
+        assert_eq!(got.nested.len(), 3);
+        assert_eq!(got.nested[0], big);
+        assert_eq!(got.nested[1], big);
+        assert_eq!(&got.nested[2][..], &pattern(seq + 7, 9000)[..]);
+        // The reference after the blobs still names the right stream.
+        send(&got.reply, got.big.clone()).await;
+        assert_eq!(recv(&mut answer).await, big);
+    }
+    drop(tx);
+    if !caps.loss {
+        // In memory, values are not encoded: a channel has one type.
+        return;
+    }
+    // Blob -> Vec<u8>: the receiving side decodes the same channel as `WithVecs`.
+    let tx = a.open::<WithBlobs>().await.expect("open");
+    let mut rx = within("accept", b.accept::<WithVecs>())
+        .await
+        .expect("accept")
+        .expect("a channel");
+    let big = Blob::from(pattern(1, 300_000));
+    let (reply, mut answer) = channel(1);
+    send(
+        &tx,
+        WithBlobs {
+            seq: 1,
+            big: big.clone(),
+            small: Blob::new(),
+            mid: Blob::from(pattern(2, 8192)),
+            nested: vec![big.clone()],
+            reply,
+        },
+    )
+    .await;
+    let got = recv(&mut rx).await;
+    assert_eq!(got.big, &big[..]);
+    assert!(got.small.is_empty());
+    assert_eq!(got.mid, pattern(2, 8192));
+    assert_eq!(&got.nested[0][..], &big[..]);
+    send(&got.reply, Blob::from_static(b"ok")).await;
+    assert_eq!(&recv(&mut answer).await[..], b"ok");
+    // Vec<u8> -> Blob.
+    let tx = b.open::<WithVecs>().await.expect("open");
+    let mut rx = within("accept", a.accept::<WithBlobs>())
+        .await
+        .expect("accept")
+        .expect("a channel");
+    let (reply, _answer) = channel(1);
+    send(
+        &tx,
+        WithVecs {
+            seq: 2,
+            big: pattern(3, 200_000),
+            small: vec![1, 2, 3],
+            mid: pattern(4, 50_000),
+            nested: vec![serde_bytes::ByteBuf::from(pattern(5, 10))],
+            reply,
+        },
+    )
+    .await;
+    let got = recv(&mut rx).await;
+    assert_eq!(&got.big[..], &pattern(3, 200_000)[..]);
+    assert_eq!(&got.small[..], &[1, 2, 3]);
+    assert_eq!(&got.mid[..], &pattern(4, 50_000)[..]);
+    assert_eq!(&got.nested[0][..], &pattern(5, 10)[..]);
+}
+
 /// Thousands of messages arrive complete and in order.
 pub async fn ordering_and_completeness(pair: Arc<PairFn>, _caps: Caps) {
     let (a, b) = pair().await;

@@ -52,6 +52,45 @@ pub fn encode<T: Serialize + ?Sized>(value: &T, out: &mut Vec<u8>) -> Result<(),
         .map_err(|e| Error::new(ErrorKind::Encode, format!("cbor: {e}")))
 }
 
+/// [`encode`] for a session: a [`Blob`](crate::Blob) that offered its bytes (see
+/// [`EncodeCtx::take_offer`](crate::session::EncodeCtx::take_offer)) is recorded as a
+/// splice instead of copied. The output, with the splices put back, is what [`encode`]
+/// writes.
+pub(crate) fn encode_spliced<T: Serialize + ?Sized>(
+    value: &T,
+    out: &mut Vec<u8>,
+) -> Result<(), Error> {
+    ciborium::ser::into_writer(value, SpliceOut(out))
+        .map_err(|e| Error::new(ErrorKind::Encode, format!("cbor: {e}")))
+}
+
+/// The writer of [`encode_spliced`]: ciborium writes a byte string's contents with one
+/// `write_all` of the serialized slice itself, so an offered blob is recognised by its
+/// address and length.
+struct SpliceOut<'a>(&'a mut Vec<u8>);
+
+impl std::io::Write for SpliceOut<'_> {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        self.write_all(data)?;
+        Ok(data.len())
+    }
+
+    fn write_all(&mut self, data: &[u8]) -> std::io::Result<()> {
+        if data.len() >= crate::blob::SPLICE_MIN {
+            let at = self.0.len();
+            if crate::session::with_encode(|ctx| ctx.take_offer(data, at)) == Some(true) {
+                return Ok(());
+            }
+        }
+        self.0.extend_from_slice(data);
+        Ok(())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 /// Decodes one value from the whole of `input` (what [`Cbor`]'s [`Codec::decode`] does,
 /// without the type erasure): trailing bytes are an error, as is anything malformed.
 ///
