@@ -250,10 +250,7 @@ pub(crate) fn claim(
                 .conn
                 .claim(ctx.parent, r.id, StreamKind::OpenerSends)
                 .map_err(|e| e.message().to_owned())?;
-            Inner::Receiver(RemoteReceiver {
-                session: ctx.session.clone(),
-                id: r.id,
-            })
+            Inner::Receiver(RemoteReceiver::new(ctx.session.clone(), r.id))
         }
         RefKind::ReturnedReceiver => {
             let r = ctx.take(index, &[RefKind::ReturnedReceiver])?;
@@ -272,10 +269,7 @@ pub(crate) fn claim(
                 .claim(ctx.parent, rest.id, StreamKind::OpenerSends)
                 .map_err(|e| e.message().to_owned())?;
             Inner::Returned {
-                first: Some(RemoteReceiver {
-                    session: ctx.session.clone(),
-                    id: rest.id,
-                }),
+                first: Some(RemoteReceiver::new(ctx.session.clone(), rest.id)),
                 original: r.id,
             }
         }

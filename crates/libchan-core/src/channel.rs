@@ -1,5 +1,6 @@
 //! Typed channel ends: [`Sender`], [`Receiver`] and the local pair constructor [`channel`].
 
+use std::collections::VecDeque;
 use std::fmt;
 use std::future::poll_fn;
 use std::future::Future;
@@ -14,7 +15,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::error::{Error, ErrorKind, SendError, TrySendError};
-use crate::message::{OutRef, RefKind, WireRef};
+use crate::message::{InMessage, OutRef, RefKind, WireRef};
 use crate::session::{decode_message, encode_message, with_encode, Attach, Message, NetSession};
 
 pub(crate) enum Item<T> {
@@ -463,8 +464,9 @@ fn remote_send<T: Message>(r: &Arc<RemoteSender>, value: T) -> Result<(), SendEr
     };
     // The next message of this channel likely has about this size: starting its buffer
     // there saves the copies of growing it (a 1 MiB message grown from 64 KiB was copied
-    // twice). One small message after a large one brings the hint back down.
-    r.size_hint.store(msg.len(), Ordering::Relaxed);
+    // twice). One small message after a large one brings the hint back down. Spliced
+    // blobs are not in the buffer, so they do not count.
+    r.size_hint.store(msg.buf.len(), Ordering::Relaxed);
     match r.session.conn.send_message(r.id, msg) {
         Ok(ids) => {
             let mut ids = ids.into_iter();
@@ -525,6 +527,21 @@ enum RecvInner<T> {
 pub(crate) struct RemoteReceiver {
     pub(crate) session: Arc<NetSession>,
     pub(crate) id: u32,
+    /// Messages the connection handed out ahead (see [`Connection::poll_recv_batch`]),
+    /// taken before the connection is polled again.
+    ///
+    /// [`Connection::poll_recv_batch`]: crate::Connection::poll_recv_batch
+    pub(crate) ahead: VecDeque<InMessage>,
+}
+
+impl RemoteReceiver {
+    pub(crate) fn new(session: Arc<NetSession>, id: u32) -> RemoteReceiver {
+        RemoteReceiver {
+            session,
+            id,
+            ahead: VecDeque::new(),
+        }
+    }
 }
 
 impl Drop for RemoteReceiver {
@@ -542,10 +559,9 @@ impl<T> fmt::Debug for Receiver<T> {
 impl<T: Message> Receiver<T> {
     pub(crate) fn remote(session: Arc<NetSession>, id: u32) -> Self {
         Receiver {
-            slot: Arc::new(Mutex::new(Some(RecvInner::Remote(RemoteReceiver {
-                session,
-                id,
-            })))),
+            slot: Arc::new(Mutex::new(Some(RecvInner::Remote(RemoteReceiver::new(
+                session, id,
+            ))))),
         }
     }
 
@@ -617,10 +633,16 @@ enum Step<T> {
 }
 
 fn poll_remote<T: Message>(
-    r: &RemoteReceiver,
+    r: &mut RemoteReceiver,
     cx: &mut Context<'_>,
 ) -> Poll<Result<Option<T>, Error>> {
-    match r.session.conn.poll_recv(cx, r.id) {
+    if let Some(m) = r.ahead.pop_front() {
+        if r.ahead.is_empty() && r.ahead.capacity() > 2 * crate::mux::RECV_BATCH {
+            r.ahead = VecDeque::new();
+        }
+        return Poll::Ready(decode_message::<T>(&r.session, r.id, m).map(Some));
+    }
+    match r.session.conn.poll_recv_batch(cx, r.id, &mut r.ahead) {
         Poll::Pending => Poll::Pending,
         Poll::Ready(Ok(None)) => Poll::Ready(Ok(None)),
         Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
@@ -645,7 +667,7 @@ fn poll_feeds<T: Message>(feeds: &Feeds, turn: &mut usize, cx: &mut Context<'_>)
     let mut i = 0;
     while i < list.len() {
         let idx = (*turn + i) % list.len();
-        match poll_remote::<T>(&list[idx], cx) {
+        match poll_remote::<T>(&mut list[idx], cx) {
             Poll::Pending => i += 1,
             Poll::Ready(Ok(Some(v))) => {
                 *turn = idx + 1;
@@ -901,10 +923,7 @@ impl<T: Message> Attach for SenderAttach<T> {
         let tx = self.0;
         session.export_sender(id, tx.clone());
         if let SenderInner::Local(l) = &tx.inner {
-            let feed = RemoteReceiver {
-                session: session.clone(),
-                id,
-            };
+            let feed = RemoteReceiver::new(session.clone(), id);
             if l.tx.is_closed() {
                 // Nobody receives any more: refuse the peer's messages at once.
                 drop(feed);

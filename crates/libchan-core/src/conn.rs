@@ -6,6 +6,7 @@
 //! transport with native streams (HTTP/2, QUIC) implements it directly. The session layer
 //! ([`crate::Session`]) uses nothing else, so a new transport never touches it.
 
+use std::collections::VecDeque;
 use std::fmt;
 use std::task::{Context, Poll};
 
@@ -113,6 +114,19 @@ pub trait Connection: Send + Sync + fmt::Debug + 'static {
     fn send_message(&self, id: u32, msg: OutMessage) -> Result<Vec<u32>, Error>;
     /// Takes the next message of channel `id`; `Ok(None)` after a clean end.
     fn poll_recv(&self, cx: &mut Context<'_>, id: u32) -> Poll<Result<Option<InMessage>, Error>>;
+    /// [`poll_recv`](Connection::poll_recv) that may also move further messages of channel
+    /// `id` that already arrived into `more` (only messages without references or
+    /// descriptors, and a bounded number: the caller takes them before polling again).
+    /// The default moves none.
+    fn poll_recv_batch(
+        &self,
+        cx: &mut Context<'_>,
+        id: u32,
+        more: &mut VecDeque<InMessage>,
+    ) -> Poll<Result<Option<InMessage>, Error>> {
+        let _ = more;
+        self.poll_recv(cx, id)
+    }
     /// Reads from byte stream `id`; `Ok(0)` at its end.
     fn poll_read(
         &self,

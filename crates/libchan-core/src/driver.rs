@@ -565,6 +565,15 @@ impl Connection for MuxConnection {
         self.shared.with(|m| m.poll_recv(cx, id))
     }
 
+    fn poll_recv_batch(
+        &self,
+        cx: &mut Context<'_>,
+        id: u32,
+        more: &mut VecDeque<InMessage>,
+    ) -> Poll<Result<Option<InMessage>, Error>> {
+        self.shared.with(|m| m.poll_recv_batch(cx, id, more))
+    }
+
     fn poll_read(
         &self,
         cx: &mut Context<'_>,

@@ -219,26 +219,26 @@ impl OutMessage {
         v
     }
 
-    /// Splits the message into its bytes as shared pieces (in order, none empty) and its
-    /// descriptors.
-    pub(crate) fn into_chunks(self) -> (Vec<Bytes>, Vec<OwnedFd>) {
+    /// Splits the message into its bytes as shared pieces (in order, none empty), calling
+    /// `piece` for each, and returns its descriptors.
+    pub(crate) fn into_chunks(self, mut piece: impl FnMut(Bytes)) -> Vec<OwnedFd> {
         if self.splices.is_empty() {
-            return (vec![Bytes::from(self.buf)], self.fds);
+            piece(Bytes::from(self.buf));
+            return self.fds;
         }
         let buf = Bytes::from(self.buf);
-        let mut out = Vec::with_capacity(self.splices.len() * 2 + 1);
         let mut at = 0;
         for (off, b) in self.splices {
             if off > at {
-                out.push(buf.slice(at..off));
+                piece(buf.slice(at..off));
             }
-            out.push(b);
+            piece(b);
             at = off;
         }
         if at < buf.len() {
-            out.push(buf.slice(at..));
+            piece(buf.slice(at..));
         }
-        (out, self.fds)
+        self.fds
     }
 
     /// The codec payload's length.

@@ -123,6 +123,28 @@ struct Partial {
     counted: usize,
 }
 
+/// Most further messages [`Mux::poll_recv_batch`] hands out with the one asked for.
+pub const RECV_BATCH: usize = 32;
+/// Most bytes of messages [`Mux::poll_recv_batch`] hands out at once (it stops after the
+/// message that reaches this).
+pub const RECV_BATCH_BYTES: usize = 16 * 1024;
+
+/// The tasks waiting on a stream's send side. Clones of a Sender may wait at once (for
+/// window, for the end), so every one is woken, not only the last to register; a task
+/// registers once however often it polls. A waiter whose future was dropped is woken once
+/// more, spuriously, at the next wake-up; the list never holds more than the tasks that
+/// polled since then.
+#[derive(Default)]
+struct Waiters(Vec<Waker>);
+
+impl Waiters {
+    fn register(&mut self, w: &Waker) {
+        if !self.0.iter().any(|x| x.will_wake(w)) {
+            self.0.push(w.clone());
+        }
+    }
+}
+
 struct Chunk {
     data: Bytes,
     pos: usize,
@@ -152,7 +174,7 @@ struct Stream {
     pending: usize,
     credit: u32,
     end: Option<End>,
-    tx_waker: Option<Waker>,
+    tx_wakers: Waiters,
     in_ready: bool,
     /// Send a RESET (CANCEL) right after the send half's end: the local handle is gone
     /// while the peer may still be sending.
@@ -194,7 +216,7 @@ impl Stream {
             pending: 0,
             credit,
             end: None,
-            tx_waker: None,
+            tx_wakers: Waiters::default(),
             in_ready: false,
             reset_after: false,
             pins: 0,
@@ -533,7 +555,7 @@ impl Mux {
         if s.pending < threshold.max(1) {
             return Poll::Ready(Ok(()));
         }
-        s.tx_waker = Some(cx.waker().clone());
+        s.tx_wakers.register(cx.waker());
         Poll::Pending
     }
 
@@ -548,7 +570,7 @@ impl Mux {
             Some(s) => match s.tx {
                 TxState::Failed(_) | TxState::Done => Poll::Ready(()),
                 _ => {
-                    s.tx_waker = Some(cx.waker().clone());
+                    s.tx_wakers.register(cx.waker());
                     Poll::Pending
                 }
             },
@@ -629,19 +651,21 @@ impl Mux {
                 ids.push(nid);
             }
         }
-        let (pieces, fds) = msg.into_chunks();
         let s = self.streams.get_mut(&id).expect("checked above");
-        let mut fds = Some(fds);
-        for (i, data) in pieces.into_iter().enumerate() {
+        let first = s.queue.len();
+        let fds = msg.into_chunks(|data| {
             // The first piece starts with the message header (never spliced); the rest
             // continue the message like byte-stream data.
             s.queue.push_back(Chunk {
                 data,
                 pos: 0,
-                fds: fds.take().unwrap_or_default(),
-                message: i == 0,
+                fds: Vec::new(),
+                message: false,
             });
-        }
+        });
+        let head = &mut s.queue[first];
+        head.message = true;
+        head.fds = fds;
         s.pending += len;
         self.mark_ready(id);
         Ok(ids)
@@ -683,7 +707,7 @@ impl Mux {
             return Poll::Ready(Err(e));
         }
         if s.pending >= threshold {
-            s.tx_waker = Some(cx.waker().clone());
+            s.tx_wakers.register(cx.waker());
             return Poll::Pending;
         }
         let n = data.len().min(threshold - s.pending);
@@ -735,7 +759,7 @@ impl Mux {
                 if let Some(e) = &self.lost {
                     return Poll::Ready(Err(e.clone()));
                 }
-                s.tx_waker = Some(cx.waker().clone());
+                s.tx_wakers.register(cx.waker());
                 Poll::Pending
             }
         }
@@ -896,16 +920,60 @@ impl Mux {
         cx: &mut Context<'_>,
         id: u32,
     ) -> Poll<Result<Option<InMessage>, Error>> {
+        self.recv(cx, id, None)
+    }
+
+    /// [`poll_recv`](Mux::poll_recv) that also moves up to [`RECV_BATCH`] further
+    /// messages already received on `id` into `more`, while they are plain (no references,
+    /// no descriptors) and together under [`RECV_BATCH_BYTES`]: a receiver that drains
+    /// `more` first takes the lock once per batch instead of once per message. Credit for
+    /// them is granted as if the application took them; the caller holds at most that
+    /// batch beyond the window.
+    pub fn poll_recv_batch(
+        &mut self,
+        cx: &mut Context<'_>,
+        id: u32,
+        more: &mut VecDeque<InMessage>,
+    ) -> Poll<Result<Option<InMessage>, Error>> {
+        self.recv(cx, id, Some(more))
+    }
+
+    fn recv(
+        &mut self,
+        cx: &mut Context<'_>,
+        id: u32,
+        mut more: Option<&mut VecDeque<InMessage>>,
+    ) -> Poll<Result<Option<InMessage>, Error>> {
         let window = self.local.initial_window;
         let lost = self.lost.clone();
         let Some(s) = self.streams.get_mut(&id) else {
             return Poll::Ready(Ok(None));
         };
         if let Some(item) = s.msgs.pop_front() {
+            let size =
+                |m: &InMessage| m.payload.len() + m.refs.len() * REF_LEN + MESSAGE_HEADER_LEN;
             if let Ok(m) = &item {
-                let n = m.payload.len() + m.refs.len() * REF_LEN + MESSAGE_HEADER_LEN;
+                let n = size(m);
                 s.buffered -= n;
                 self.budget.held = self.budget.held.saturating_sub(n);
+                let mut bytes = n;
+                while let Some(more) = more.as_deref_mut() {
+                    if more.len() >= RECV_BATCH || bytes >= RECV_BATCH_BYTES {
+                        break;
+                    }
+                    match s.msgs.front() {
+                        Some(Ok(m)) if m.refs.is_empty() && m.fds.is_empty() => {}
+                        _ => break,
+                    }
+                    let Some(Ok(m)) = s.msgs.pop_front() else {
+                        unreachable!("checked above")
+                    };
+                    let n = size(&m);
+                    s.buffered -= n;
+                    self.budget.held = self.budget.held.saturating_sub(n);
+                    bytes += n;
+                    more.push_back(m);
+                }
             }
             let exempt = self.budget.exempt(id, s, 0);
             Self::grant(&mut self.ctrl, &mut self.flush, id, s, window, exempt);
@@ -1119,7 +1187,7 @@ impl Mux {
                 s.end = None;
             }
             ws.extend(s.rx_waker.take());
-            ws.extend(s.tx_waker.take());
+            ws.append(&mut s.tx_wakers.0);
             ws.extend(s.delivered_waker.take());
         }
         self.wakers.extend(ws);
@@ -1245,8 +1313,7 @@ impl Mux {
                             frame::encode_reset(out, id, Reason::CANCEL);
                         }
                         s.tx = TxState::Done;
-                        let w = s.tx_waker.take();
-                        self.wakers.extend(w);
+                        self.wakers.append(&mut s.tx_wakers.0);
                         self.maybe_remove(id);
                         continue;
                     }
@@ -1273,15 +1340,12 @@ impl Mux {
                     frame::encode_reset(out, id, Reason::CANCEL);
                 }
                 s.tx = TxState::Done;
-                let w = s.tx_waker.take();
-                self.wakers.extend(w);
+                self.wakers.append(&mut s.tx_wakers.0);
                 self.maybe_remove(id);
                 continue;
             }
             if s.pending < threshold {
-                if let Some(w) = s.tx_waker.take() {
-                    self.wakers.push(w);
-                }
+                self.wakers.append(&mut s.tx_wakers.0);
             }
             if s.sendable() {
                 s.in_ready = true;
@@ -1480,14 +1544,10 @@ impl Mux {
                     s.rx = RxState::Failed(e);
                     s.partial = None;
                 }
-                let w = (
-                    s.tx_waker.take(),
-                    s.rx_waker.take(),
-                    s.delivered_waker.take(),
-                );
+                let w = (s.rx_waker.take(), s.delivered_waker.take());
+                self.wakers.append(&mut s.tx_wakers.0);
                 self.wake(w.0);
                 self.wake(w.1);
-                self.wake(w.2);
                 self.maybe_remove(stream);
                 Ok(())
             }

@@ -107,3 +107,57 @@ async fn dropping_a_reply_receiver_does_not_wake_its_task() {
         "the drop woke its own task"
     );
 }
+
+/// Several clones of one Sender waiting for the same full window at once are all woken
+/// when it opens again (each task that waits is woken, not only the last to register).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_sender_clone_waiting_on_a_full_window_gets_through() {
+    use libchan_core::driver::IoLink;
+    use libchan_core::mux::Role;
+    use libchan_core::Limits;
+
+    let limits = Limits {
+        initial_window: Limits::MIN_WINDOW,
+        ..Limits::default()
+    };
+    let config = Config::new(libchan_codec_cbor::Cbor).with_limits(limits);
+    let (x, y) = tokio::io::duplex(1 << 16);
+    let (a, b) = tokio::join!(
+        Session::over_link(IoLink::new(x), Role::Dialer, &config),
+        Session::over_link(IoLink::new(y), Role::Listener, &config)
+    );
+    let (a, b) = (a.unwrap(), b.unwrap());
+    let tx = a.open::<Vec<u8>>().await.unwrap();
+    let mut rx = b.accept::<Vec<u8>>().await.unwrap().unwrap();
+    const CLONES: usize = 8;
+    const EACH: usize = 200;
+    let mut senders = Vec::new();
+    for _ in 0..CLONES {
+        let tx = tx.clone();
+        // 8 KiB messages: the 64 KiB window fills with a few, so clones wait together.
+        senders.push(tokio::spawn(async move {
+            for _ in 0..EACH {
+                tx.send(vec![1; 8 * 1024]).await.unwrap();
+            }
+        }));
+    }
+    drop(tx);
+    let all = async {
+        let mut n = 0;
+        while let Some(m) = rx.recv().await.unwrap() {
+            assert_eq!(m.len(), 8 * 1024);
+            n += 1;
+            if n % 16 == 0 {
+                tokio::task::yield_now().await;
+            }
+        }
+        n
+    };
+    let n = tokio::time::timeout(std::time::Duration::from_secs(60), all)
+        .await
+        .expect("a waiting sender was never woken");
+    assert_eq!(n, CLONES * EACH);
+    for s in senders {
+        s.await.unwrap();
+    }
+}

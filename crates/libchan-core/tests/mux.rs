@@ -790,3 +790,65 @@ fn batches_by_reference_match_copied_batches() {
         }
     }
 }
+
+/// `poll_recv_batch` hands out further plain messages in order, stops before a message
+/// with references (only the message asked for may have some) and at its byte bound.
+#[test]
+fn receive_batches_are_ordered_bounded_and_stop_at_references() {
+    use libchan_core::mux::{RECV_BATCH, RECV_BATCH_BYTES};
+    use std::collections::VecDeque;
+    let mut p = Pair::new();
+    let id = p.a.open(StreamKind::OpenerSends).expect("open");
+    // 100 small, one with a reference, 10 of 4 KiB.
+    for i in 0..100u8 {
+        p.a.send_message(id, message(&[i; 10])).expect("send");
+    }
+    let mut b = OutMessage::start(Vec::new());
+    b.extend_from_slice(b"with a ref");
+    p.a.send_message(
+        id,
+        OutMessage::finish(b, vec![OutRef::New(RefKind::Sender)], vec![]),
+    )
+    .expect("send");
+    for i in 0..10u8 {
+        p.a.send_message(id, message(&[i; 4096])).expect("send");
+    }
+    p.run();
+    let bid = accept(&mut p.b);
+    let mut got: Vec<InMessage> = Vec::new();
+    let mut batches = Vec::new();
+    loop {
+        let mut more = VecDeque::new();
+        match p.b.poll_recv_batch(&mut cx(), bid, &mut more) {
+            Poll::Ready(Ok(Some(m))) => {
+                assert!(more.len() <= RECV_BATCH);
+                let bytes: usize = more.iter().map(|m| m.payload.len() + 8).sum();
+                assert!(
+                    bytes < RECV_BATCH_BYTES + 4096 + 8,
+                    "{bytes} bytes in one batch"
+                );
+                assert!(more.iter().all(|m| m.refs.is_empty()));
+                batches.push(1 + more.len());
+                got.push(m);
+                got.extend(more);
+            }
+            Poll::Pending => break,
+            other => panic!("{other:?}"),
+        }
+        p.run();
+    }
+    assert_eq!(got.len(), 111);
+    for (i, m) in got[..100].iter().enumerate() {
+        assert_eq!(&m.payload[..], &[i as u8; 10][..], "message {i}");
+    }
+    assert_eq!(got[100].refs.len(), 1);
+    assert_eq!(&got[100].payload[..], b"with a ref");
+    for (i, m) in got[101..].iter().enumerate() {
+        assert_eq!(&m.payload[..], &[i as u8; 4096][..]);
+    }
+    // 100 plain messages in batches of at most 33; a batch stops before the message with
+    // a reference, which starts the next one; 4 KiB messages go a few at a time.
+    assert_eq!(&batches[..4], &[33, 33, 33, 1], "{batches:?}");
+    assert!(batches[4..].iter().all(|&n| n <= 5), "{batches:?}");
+    assert_eq!(batches.iter().sum::<usize>(), 111);
+}

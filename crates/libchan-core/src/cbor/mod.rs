@@ -70,24 +70,33 @@ pub(crate) fn encode_spliced<T: Serialize + ?Sized>(
 struct SpliceOut<'a>(&'a mut Vec<u8>);
 
 impl std::io::Write for SpliceOut<'_> {
+    #[inline]
     fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
         self.write_all(data)?;
         Ok(data.len())
     }
 
+    #[inline]
     fn write_all(&mut self, data: &[u8]) -> std::io::Result<()> {
-        if data.len() >= crate::blob::SPLICE_MIN {
-            let at = self.0.len();
-            if crate::session::with_encode(|ctx| ctx.take_offer(data, at)) == Some(true) {
-                return Ok(());
-            }
+        if data.len() >= crate::blob::SPLICE_MIN && self.spliced(data) {
+            return Ok(());
         }
         self.0.extend_from_slice(data);
         Ok(())
     }
 
+    #[inline]
     fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
+    }
+}
+
+impl SpliceOut<'_> {
+    /// True if `data` is an offered blob, now recorded as a splice at the current offset.
+    #[cold]
+    fn spliced(&mut self, data: &[u8]) -> bool {
+        let at = self.0.len();
+        crate::session::with_encode(|ctx| ctx.take_offer(data, at)) == Some(true)
     }
 }
 
