@@ -15,6 +15,7 @@ struct Typical {
     payload: Vec<u8>,
     nested: Option<Box<Typical>>,
     choice: Choice,
+    blobs: Vec<libchan_core::Blob>,
 }
 
 #[derive(Deserialize)]
