@@ -46,7 +46,6 @@ pub fn channel<T: Send + 'static>(buffer: usize) -> (Sender<T>, Receiver<T>) {
         Sender {
             inner: SenderInner::Local(LocalSender {
                 tx,
-                closed: Arc::new(AtomicBool::new(false)),
                 feeds: feeds.clone(),
             }),
         },
@@ -76,7 +75,7 @@ enum SenderInner<T> {
 
 struct LocalSender<T> {
     tx: mpsc::Sender<Item<T>>,
-    closed: Arc<AtomicBool>,
+    /// Shared by the channel's ends (its `closed` flag is the senders' too).
     feeds: Arc<Feeds>,
 }
 
@@ -85,6 +84,8 @@ struct LocalSender<T> {
 /// remote sender costs no forwarding task and no extra hop per message.
 #[derive(Default)]
 pub(crate) struct Feeds {
+    /// Some clone of the channel's Sender called `close`: later sends fail.
+    closed: AtomicBool,
     list: Mutex<Vec<RemoteReceiver>>,
     waker: Mutex<Option<std::task::Waker>>,
     /// The receiver took the clean end (`Some(true)`) or was dropped first (`Some(false)`).
@@ -152,7 +153,6 @@ impl<T> Clone for Sender<T> {
             inner: match &self.inner {
                 SenderInner::Local(l) => SenderInner::Local(LocalSender {
                     tx: l.tx.clone(),
-                    closed: l.closed.clone(),
                     feeds: l.feeds.clone(),
                 }),
                 SenderInner::Remote(r, _) => SenderInner::Remote(r.clone(), PhantomData),
@@ -208,7 +208,7 @@ impl<T: Message> Sender<T> {
     pub async fn send(&self, value: T) -> Result<(), SendError<T>> {
         match &self.inner {
             SenderInner::Local(l) => {
-                if l.closed.load(Ordering::Acquire) {
+                if l.feeds.closed.load(Ordering::Acquire) {
                     return Err(SendError {
                         message: value,
                         error: Error::closed("send after close"),
@@ -252,7 +252,7 @@ impl<T: Message> Sender<T> {
     pub fn try_send(&self, value: T) -> Result<(), TrySendError<T>> {
         match &self.inner {
             SenderInner::Local(l) => {
-                if l.closed.load(Ordering::Acquire) {
+                if l.feeds.closed.load(Ordering::Acquire) {
                     return Err(TrySendError::Failed(SendError {
                         message: value,
                         error: Error::closed("send after close"),
@@ -331,7 +331,7 @@ impl<T: Message> Sender<T> {
     async fn end(&self, error: Option<String>) {
         match &self.inner {
             SenderInner::Local(l) => {
-                if l.closed.swap(true, Ordering::AcqRel) {
+                if l.feeds.closed.swap(true, Ordering::AcqRel) {
                     return;
                 }
                 if let Some(m) = error {
@@ -848,7 +848,7 @@ impl<T: Message> Serialize for Sender<T> {
             )
         });
         match marker {
-            Some(m) => erased_serde::serialize(&*m, s),
+            Some(m) => m.serialize(s),
             None => outside("Sender", |m| Err(S::Error::custom(m))),
         }
     }
@@ -897,7 +897,7 @@ impl<T: Message> Serialize for Receiver<T> {
             ))
         });
         match marker {
-            Some(Ok(m)) => erased_serde::serialize(&*m, s),
+            Some(Ok(m)) => m.serialize(s),
             Some(Err(e)) => Err(S::Error::custom(e)),
             None => outside("Receiver", |m| Err(S::Error::custom(m))),
         }

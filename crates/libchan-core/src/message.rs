@@ -219,26 +219,9 @@ impl OutMessage {
         v
     }
 
-    /// Splits the message into its bytes as shared pieces (in order, none empty), calling
-    /// `piece` for each, and returns its descriptors.
-    pub(crate) fn into_chunks(self, mut piece: impl FnMut(Bytes)) -> Vec<OwnedFd> {
-        if self.splices.is_empty() {
-            piece(Bytes::from(self.buf));
-            return self.fds;
-        }
-        let buf = Bytes::from(self.buf);
-        let mut at = 0;
-        for (off, b) in self.splices {
-            if off > at {
-                piece(buf.slice(at..off));
-            }
-            piece(b);
-            at = off;
-        }
-        if at < buf.len() {
-            piece(buf.slice(at..));
-        }
-        self.fds
+    /// The message's parts: the buffer, its splices, its descriptors.
+    pub(crate) fn into_parts(self) -> (Vec<u8>, Vec<(usize, Bytes)>, Vec<OwnedFd>) {
+        (self.buf, self.splices, self.fds)
     }
 
     /// The codec payload's length.

@@ -145,8 +145,39 @@ impl Waiters {
     }
 }
 
+/// The bytes of a queued chunk: a whole small message stays the `Vec` it was encoded
+/// into (turning it into `Bytes` would allocate when its capacity is not its length); it
+/// becomes shared only if the writer references part of it.
+enum ChunkData {
+    Owned(Vec<u8>),
+    Shared(Bytes),
+}
+
+impl ChunkData {
+    fn len(&self) -> usize {
+        self.as_slice().len()
+    }
+
+    fn as_slice(&self) -> &[u8] {
+        match self {
+            ChunkData::Owned(v) => v,
+            ChunkData::Shared(b) => b,
+        }
+    }
+
+    fn slice(&mut self, range: std::ops::Range<usize>) -> Bytes {
+        if let ChunkData::Owned(v) = self {
+            *self = ChunkData::Shared(Bytes::from(std::mem::take(v)));
+        }
+        match self {
+            ChunkData::Shared(b) => b.slice(range),
+            ChunkData::Owned(_) => unreachable!("made shared above"),
+        }
+    }
+}
+
 struct Chunk {
-    data: Bytes,
+    data: ChunkData,
     pos: usize,
     fds: Vec<OwnedFd>,
     message: bool,
@@ -652,20 +683,40 @@ impl Mux {
             }
         }
         let s = self.streams.get_mut(&id).expect("checked above");
-        let first = s.queue.len();
-        let fds = msg.into_chunks(|data| {
+        let (buf, splices, fds) = msg.into_parts();
+        if splices.is_empty() {
+            s.queue.push_back(Chunk {
+                data: ChunkData::Owned(buf),
+                pos: 0,
+                fds,
+                message: true,
+            });
+        } else {
             // The first piece starts with the message header (never spliced); the rest
             // continue the message like byte-stream data.
-            s.queue.push_back(Chunk {
-                data,
-                pos: 0,
-                fds: Vec::new(),
-                message: false,
-            });
-        });
-        let head = &mut s.queue[first];
-        head.message = true;
-        head.fds = fds;
+            let buf = Bytes::from(buf);
+            let mut fds = Some(fds);
+            let mut push = |data: Bytes| {
+                let first = fds.is_some();
+                s.queue.push_back(Chunk {
+                    data: ChunkData::Shared(data),
+                    pos: 0,
+                    fds: fds.take().unwrap_or_default(),
+                    message: first,
+                });
+            };
+            let mut at = 0;
+            for (off, b) in splices {
+                if off > at {
+                    push(buf.slice(at..off));
+                }
+                push(b);
+                at = off;
+            }
+            if at < buf.len() {
+                push(buf.slice(at..));
+            }
+        }
         s.pending += len;
         self.mark_ready(id);
         Ok(ids)
@@ -715,7 +766,7 @@ impl Mux {
             return Poll::Ready(Ok(0));
         }
         s.queue.push_back(Chunk {
-            data: Bytes::copy_from_slice(&data[..n]),
+            data: ChunkData::Owned(data[..n].to_vec()),
             pos: 0,
             fds: Vec::new(),
             message: false,
@@ -1288,7 +1339,7 @@ impl Mux {
                         r.list.push((out.len(), c.data.slice(c.pos..c.pos + k)));
                         r.len += k;
                     }
-                    _ => out.extend_from_slice(&c.data[c.pos..c.pos + k]),
+                    _ => out.extend_from_slice(&c.data.as_slice()[c.pos..c.pos + k]),
                 }
                 c.pos += k;
                 n += k;

@@ -383,9 +383,10 @@ impl fmt::Debug for NetSession {
 }
 
 impl NetSession {
-    /// True if this session's encoder references large [`Blob`](crate::Blob)s instead of
-    /// copying them (the built-in CBOR path).
-    fn splices(&self) -> bool {
+    /// True if this session encodes with the core's own CBOR, monomorphized: it splices
+    /// large [`Blob`](crate::Blob)s instead of copying them and writes reference markers
+    /// directly.
+    fn typed_cbor(&self) -> bool {
         #[cfg(feature = "cbor")]
         return self.cbor;
         #[cfg(not(feature = "cbor"))]
@@ -534,15 +535,35 @@ impl EncodeCtx<'_> {
     }
 
     /// Adds a reference; returns the codec's marker for it.
-    pub(crate) fn push(
-        &mut self,
-        r: OutRef,
-        attach: Option<Box<dyn Attach>>,
-    ) -> Box<dyn erased_serde::Serialize> {
+    pub(crate) fn push(&mut self, r: OutRef, attach: Option<Box<dyn Attach>>) -> RefMarker {
         let index = self.refs.len() as u32;
         self.refs.push(r);
         self.attach.push(attach);
-        self.session.codec.ref_marker(index)
+        #[cfg(feature = "cbor")]
+        if self.splicing {
+            return RefMarker::Cbor(index);
+        }
+        RefMarker::Codec(self.session.codec.ref_marker(index))
+    }
+}
+
+/// How a reference is written into the payload: the codec's marker, or (typed CBOR path)
+/// the CBOR reference tag written directly, without boxing the codec's marker.
+pub(crate) enum RefMarker {
+    #[cfg(feature = "cbor")]
+    Cbor(u32),
+    Codec(Box<dyn erased_serde::Serialize>),
+}
+
+impl Serialize for RefMarker {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            #[cfg(feature = "cbor")]
+            RefMarker::Cbor(index) => {
+                ciborium::tag::Required::<u32, { crate::cbor::REF_TAG }>(*index).serialize(s)
+            }
+            RefMarker::Codec(m) => erased_serde::serialize(&**m, s),
+        }
     }
 }
 
@@ -639,7 +660,7 @@ pub(crate) fn encode_message<T: Message>(
         refs: Vec::new(),
         attach: Vec::new(),
         fds: Vec::new(),
-        splicing: session.splices(),
+        splicing: session.typed_cbor(),
         offers: Vec::new(),
         splices: Vec::new(),
     };

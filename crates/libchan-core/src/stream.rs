@@ -13,7 +13,7 @@ use tokio::io::{AsyncRead, AsyncWrite, DuplexStream, ReadBuf};
 
 use crate::frame::StreamKind;
 use crate::message::{OutRef, RefKind, WireRef};
-use crate::session::{with_encode, Attach, NetSession};
+use crate::session::{with_encode, Attach, NetSession, RefMarker};
 
 /// Creates a connected pair of local byte streams.
 ///
@@ -165,7 +165,7 @@ impl AsyncWrite for ByteStream {
 }
 
 impl ByteStream {
-    fn encode(&self, kind: RefKind) -> Result<Box<dyn erased_serde::Serialize>, String> {
+    fn encode(&self, kind: RefKind) -> Result<RefMarker, String> {
         with_encode(|ctx| {
             let taken = self.slot.lock().unwrap_or_else(|e| e.into_inner()).take();
             let Some(inner) = taken else {
@@ -191,7 +191,7 @@ impl ByteStream {
 impl Serialize for ByteStream {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         match self.encode(RefKind::ByteStream) {
-            Ok(m) => erased_serde::serialize(&*m, s),
+            Ok(m) => m.serialize(s),
             Err(e) => Err(S::Error::custom(e)),
         }
     }
@@ -326,7 +326,7 @@ impl Fd {
 
 impl Serialize for Fd {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let r = with_encode(|ctx| -> Result<Box<dyn erased_serde::Serialize>, String> {
+        let r = with_encode(|ctx| -> Result<RefMarker, String> {
             let mut g = self.slot.lock().unwrap_or_else(|e| e.into_inner());
             match g.as_ref() {
                 None => Err("Fd was already moved into another message".to_owned()),
@@ -374,7 +374,7 @@ impl Serialize for Fd {
             }
         });
         match r {
-            Some(Ok(m)) => erased_serde::serialize(&*m, s),
+            Some(Ok(m)) => m.serialize(s),
             Some(Err(e)) => Err(S::Error::custom(e)),
             None => Err(S::Error::custom(
                 "a libchan Fd can only be serialized by a libchan send on a session",
