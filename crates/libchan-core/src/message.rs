@@ -105,6 +105,14 @@ pub enum OutRef {
     Existing(WireRef),
 }
 
+/// One piece of an [`OutMessage`] in wire order.
+enum Piece {
+    /// A range of the buffer.
+    Buf(std::ops::Range<usize>),
+    /// The spliced blob at this index.
+    Spliced(usize),
+}
+
 /// A message ready to be queued on a channel stream.
 ///
 /// Built by the session layer: header, codec payload, reference table. Large
@@ -199,15 +207,10 @@ impl OutMessage {
     /// The whole message as it goes on a channel stream (header, payload, references), as
     /// consecutive pieces: more than one where blobs are held by reference.
     pub fn pieces(&self) -> impl Iterator<Item = &[u8]> + '_ {
-        let mut at = 0;
-        let mut out = Vec::with_capacity(self.splices.len() * 2 + 1);
-        for (off, b) in &self.splices {
-            out.push(&self.buf[at..*off]);
-            out.push(&b[..]);
-            at = *off;
-        }
-        out.push(&self.buf[at..]);
-        out.into_iter().filter(|p| !p.is_empty())
+        self.layout().map(|p| match p {
+            Piece::Buf(r) => &self.buf[r],
+            Piece::Spliced(i) => &self.splices[i].1[..],
+        })
     }
 
     /// The whole message in one buffer (a copy).
@@ -219,9 +222,58 @@ impl OutMessage {
         v
     }
 
-    /// The message's parts: the buffer, its splices, its descriptors.
-    pub(crate) fn into_parts(self) -> (Vec<u8>, Vec<(usize, Bytes)>, Vec<OwnedFd>) {
-        (self.buf, self.splices, self.fds)
+    /// The message's parts when no blob was spliced in: the buffer and the descriptors;
+    /// otherwise the message itself, back.
+    pub(crate) fn into_unspliced(self) -> Result<(Vec<u8>, Vec<OwnedFd>), OutMessage> {
+        if self.splices.is_empty() {
+            Ok((self.buf, self.fds))
+        } else {
+            Err(self)
+        }
+    }
+
+    /// The message's bytes as shared pieces in order (none empty), and its descriptors.
+    pub(crate) fn into_shared_pieces(self) -> (Vec<Bytes>, Vec<OwnedFd>) {
+        let layout: Vec<Piece> = self.layout().collect();
+        let buf = Bytes::from(self.buf);
+        let mut spliced: Vec<Option<Bytes>> =
+            self.splices.into_iter().map(|(_, b)| Some(b)).collect();
+        let out = layout
+            .into_iter()
+            .map(|p| match p {
+                Piece::Buf(r) => buf.slice(r),
+                Piece::Spliced(i) => spliced[i].take().expect("each splice once"),
+            })
+            .collect();
+        (out, self.fds)
+    }
+
+    /// The order of the message's pieces: ranges of `buf` around the spliced blobs.
+    fn layout(&self) -> impl Iterator<Item = Piece> + '_ {
+        let mut at = 0;
+        let mut next = self.splices.iter().enumerate();
+        let mut pending: Option<usize> = None;
+        std::iter::from_fn(move || loop {
+            if let Some(i) = pending.take() {
+                return Some(Piece::Spliced(i));
+            }
+            match next.next() {
+                Some((i, (off, _))) => {
+                    let r = at..*off;
+                    at = *off;
+                    pending = Some(i);
+                    if !r.is_empty() {
+                        return Some(Piece::Buf(r));
+                    }
+                }
+                None if at < self.buf.len() => {
+                    let r = at..self.buf.len();
+                    at = self.buf.len();
+                    return Some(Piece::Buf(r));
+                }
+                None => return None,
+            }
+        })
     }
 
     /// The codec payload's length.
@@ -231,19 +283,11 @@ impl OutMessage {
 
     /// The codec payload: borrowed, or joined into one buffer if blobs were spliced in.
     pub fn payload(&self) -> Cow<'_, [u8]> {
-        let end = self.table_at();
+        let range = MESSAGE_HEADER_LEN..MESSAGE_HEADER_LEN + self.payload_len;
         if self.splices.is_empty() {
-            return Cow::Borrowed(&self.buf[MESSAGE_HEADER_LEN..end]);
+            return Cow::Borrowed(&self.buf[range]);
         }
-        let mut v = Vec::with_capacity(self.payload_len);
-        let mut at = MESSAGE_HEADER_LEN;
-        for (off, b) in &self.splices {
-            v.extend_from_slice(&self.buf[at..*off]);
-            v.extend_from_slice(b);
-            at = *off;
-        }
-        v.extend_from_slice(&self.buf[at..end]);
-        Cow::Owned(v)
+        Cow::Owned(self.to_vec()[range].to_vec())
     }
 
     /// The references, in table order. [`OutRef::New`] entries need a stream opened by

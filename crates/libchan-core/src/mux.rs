@@ -683,38 +683,27 @@ impl Mux {
             }
         }
         let s = self.streams.get_mut(&id).expect("checked above");
-        let (buf, splices, fds) = msg.into_parts();
-        if splices.is_empty() {
-            s.queue.push_back(Chunk {
+        match msg.into_unspliced() {
+            Ok((buf, fds)) => s.queue.push_back(Chunk {
                 data: ChunkData::Owned(buf),
                 pos: 0,
                 fds,
                 message: true,
-            });
-        } else {
-            // The first piece starts with the message header (never spliced); the rest
-            // continue the message like byte-stream data.
-            let buf = Bytes::from(buf);
-            let mut fds = Some(fds);
-            let mut push = |data: Bytes| {
-                let first = fds.is_some();
-                s.queue.push_back(Chunk {
-                    data: ChunkData::Shared(data),
-                    pos: 0,
-                    fds: fds.take().unwrap_or_default(),
-                    message: first,
-                });
-            };
-            let mut at = 0;
-            for (off, b) in splices {
-                if off > at {
-                    push(buf.slice(at..off));
+            }),
+            Err(msg) => {
+                // The first piece starts with the message header (never spliced); the
+                // rest continue the message like byte-stream data.
+                let (pieces, fds) = msg.into_shared_pieces();
+                let mut fds = Some(fds);
+                for data in pieces {
+                    let first = fds.is_some();
+                    s.queue.push_back(Chunk {
+                        data: ChunkData::Shared(data),
+                        pos: 0,
+                        fds: fds.take().unwrap_or_default(),
+                        message: first,
+                    });
                 }
-                push(b);
-                at = off;
-            }
-            if at < buf.len() {
-                push(buf.slice(at..));
             }
         }
         s.pending += len;

@@ -801,7 +801,8 @@ mod tests {
         .expect("encode");
         let plain = OutMessage::finish(plain, Vec::new(), Vec::new());
         assert_eq!(msg.to_vec(), plain.to_vec());
-        assert_eq!(msg.payload().len(), msg.payload_len());
+        assert_eq!(msg.payload(), plain.payload());
+        assert_eq!(msg.pieces().count(), 5, "buf, blob, buf, blob, buf");
 
         let whole = Bytes::from(plain.to_vec());
         let payload = whole.slice(MESSAGE_HEADER_LEN..);
