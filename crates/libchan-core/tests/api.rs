@@ -60,9 +60,7 @@ async fn serializing_an_end_outside_a_send_is_an_error_not_a_panic() {
 /// idle worker thread for it (a futex wake per request in the request/reply pattern).
 #[tokio::test]
 async fn dropping_a_reply_receiver_does_not_wake_its_task() {
-    use libchan_core::driver::IoLink;
-    use libchan_core::mux::Role;
-    use libchan_core::{channel, Config, Sender, Session};
+    use libchan_core::{channel, Config, Sender};
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Arc;
     use std::task::{Context, Wake, Waker};
@@ -75,13 +73,7 @@ async fn dropping_a_reply_receiver_does_not_wake_its_task() {
         }
     }
 
-    let (x, y) = tokio::io::duplex(1 << 16);
-    let config = Config::new(libchan_codec_cbor::Cbor);
-    let (a, b) = tokio::join!(
-        Session::over_link(IoLink::new(x), Role::Dialer, &config),
-        Session::over_link(IoLink::new(y), Role::Listener, &config)
-    );
-    let (a, b) = (a.unwrap(), b.unwrap());
+    let (a, b) = duplex_pair(Config::new(libchan_codec_cbor::Cbor)).await;
     let tx = a.open::<Sender<u8>>().await.unwrap();
     let mut rx = b.accept::<Sender<u8>>().await.unwrap().unwrap();
     let (reply, mut answer) = channel::<u8>(1);
@@ -112,21 +104,13 @@ async fn dropping_a_reply_receiver_does_not_wake_its_task() {
 /// when it opens again (each task that waits is woken, not only the last to register).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_sender_clone_waiting_on_a_full_window_gets_through() {
-    use libchan_core::driver::IoLink;
-    use libchan_core::mux::Role;
     use libchan_core::Limits;
 
     let limits = Limits {
         initial_window: Limits::MIN_WINDOW,
         ..Limits::default()
     };
-    let config = Config::new(libchan_codec_cbor::Cbor).with_limits(limits);
-    let (x, y) = tokio::io::duplex(1 << 16);
-    let (a, b) = tokio::join!(
-        Session::over_link(IoLink::new(x), Role::Dialer, &config),
-        Session::over_link(IoLink::new(y), Role::Listener, &config)
-    );
-    let (a, b) = (a.unwrap(), b.unwrap());
+    let (a, b) = duplex_pair(Config::new(libchan_codec_cbor::Cbor).with_limits(limits)).await;
     let tx = a.open::<Vec<u8>>().await.unwrap();
     let mut rx = b.accept::<Vec<u8>>().await.unwrap().unwrap();
     const CLONES: usize = 8;
@@ -160,4 +144,16 @@ async fn every_sender_clone_waiting_on_a_full_window_gets_through() {
     for s in senders {
         s.await.unwrap();
     }
+}
+
+/// Two sessions over an in-process byte pipe (a real multiplexer and driver on each side).
+async fn duplex_pair(config: Config) -> (Session, Session) {
+    use libchan_core::driver::IoLink;
+    use libchan_core::mux::Role;
+    let (x, y) = tokio::io::duplex(1 << 16);
+    let (a, b) = tokio::join!(
+        Session::over_link(IoLink::new(x), Role::Dialer, &config),
+        Session::over_link(IoLink::new(y), Role::Listener, &config)
+    );
+    (a.unwrap(), b.unwrap())
 }
