@@ -155,5 +155,5 @@ async fn duplex_pair(config: Config) -> (Session, Session) {
         Session::over_link(IoLink::new(x), Role::Dialer, &config),
         Session::over_link(IoLink::new(y), Role::Listener, &config)
     );
-    (a.unwrap(), b.unwrap())
+    (a.expect("dialer"), b.expect("listener"))
 }
