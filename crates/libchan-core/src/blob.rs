@@ -30,9 +30,10 @@ pub(crate) const SHARE_MIN: usize = 32 * 1024;
 ///   more is not copied into the encoded message: the connection writes it from the
 ///   blob's own memory (`writev`), and keeps a reference until it is written. Cloning a
 ///   `Blob` to send it again costs a reference count, not a copy.
-/// * **Receiving**, a blob of 32 KiB or more shares the buffer the message arrived in
-///   instead of being copied into a new `Vec` (smaller ones are copied, so that a small
-///   blob never pins a large buffer).
+/// * **Receiving** with a codec that lends byte strings from its input (CBOR does), a
+///   blob of 32 KiB or more shares the buffer the message arrived in instead of being
+///   copied into a new `Vec` (smaller ones are copied, so that a small blob never pins a
+///   large buffer).
 ///
 /// With other codecs a `Blob` works the same and is encoded like any byte string.
 ///
