@@ -90,7 +90,44 @@ impl Role {
     }
 }
 
-type RecvItem = Result<InMessage, Error>;
+type RecvItem = Result<Queued, Error>;
+
+/// A received message waiting for the application, kept small (40 bytes): a stream holds
+/// up to a window of them, and most carry no references or descriptors.
+struct Queued {
+    payload: Bytes,
+    extra: Option<Box<(Vec<WireRef>, Vec<OwnedFd>)>>,
+}
+
+impl Queued {
+    fn new(payload: Bytes, refs: Vec<WireRef>, fds: Vec<OwnedFd>) -> Queued {
+        let extra = (!refs.is_empty() || !fds.is_empty()).then(|| Box::new((refs, fds)));
+        Queued { payload, extra }
+    }
+
+    fn refs(&self) -> &[WireRef] {
+        self.extra.as_ref().map_or(&[], |e| &e.0)
+    }
+
+    /// No references and no descriptors.
+    fn is_plain(&self) -> bool {
+        self.extra.is_none()
+    }
+
+    /// What it counts against the window: its bytes on the wire.
+    fn wire_len(&self) -> usize {
+        self.payload.len() + self.refs().len() * REF_LEN + MESSAGE_HEADER_LEN
+    }
+
+    fn into_message(self) -> InMessage {
+        let (refs, fds) = self.extra.map_or_else(Default::default, |e| *e);
+        InMessage {
+            payload: self.payload,
+            refs,
+            fds,
+        }
+    }
+}
 
 enum End {
     Fin,
@@ -898,7 +935,7 @@ impl Mux {
         }
         self.mark_ready(id);
         for m in dropped.drain(..).flatten() {
-            self.release_refs(&m.refs);
+            self.release_refs(m.refs());
         }
         self.maybe_remove(id);
         self.unstarve();
@@ -990,10 +1027,8 @@ impl Mux {
             return Poll::Ready(Ok(None));
         };
         if let Some(item) = s.msgs.pop_front() {
-            let size =
-                |m: &InMessage| m.payload.len() + m.refs.len() * REF_LEN + MESSAGE_HEADER_LEN;
             if let Ok(m) = &item {
-                let n = size(m);
+                let n = m.wire_len();
                 s.buffered -= n;
                 self.budget.held = self.budget.held.saturating_sub(n);
                 let mut bytes = n;
@@ -1002,23 +1037,23 @@ impl Mux {
                         break;
                     }
                     match s.msgs.front() {
-                        Some(Ok(m)) if m.refs.is_empty() && m.fds.is_empty() => {}
+                        Some(Ok(m)) if m.is_plain() => {}
                         _ => break,
                     }
                     let Some(Ok(m)) = s.msgs.pop_front() else {
                         unreachable!("checked above")
                     };
-                    let n = size(&m);
+                    let n = m.wire_len();
                     s.buffered -= n;
                     self.budget.held = self.budget.held.saturating_sub(n);
                     bytes += n;
-                    more.push_back(m);
+                    more.push_back(m.into_message());
                 }
             }
             let exempt = self.budget.exempt(id, s, 0);
             Self::grant(&mut self.ctrl, &mut self.flush, id, s, window, exempt);
             self.unstarve();
-            return Poll::Ready(item.map(Some));
+            return Poll::Ready(item.map(|m| Some(m.into_message())));
         }
         if s.pins > 0 && lost.is_none() {
             // A message sending this stream back to us is not decoded yet: the stream's
@@ -2094,7 +2129,7 @@ fn held(s: &Stream) -> usize {
 
 fn pin(pins: &mut Vec<u32>, item: &RecvItem) {
     if let Ok(m) = item {
-        for r in &m.refs {
+        for r in m.refs() {
             if r.kind == RefKind::Sender {
                 pins.push(r.id);
             }
@@ -2172,11 +2207,7 @@ fn complete(body: Bytes, payload_len: usize, nrefs: usize, fds: Vec<OwnedFd>) ->
     let mut payload = body;
     if nrefs == 0 {
         // No table to split off (a split would allocate a shared handle for the empty tail).
-        return Ok(InMessage {
-            payload,
-            refs: Vec::new(),
-            fds,
-        });
+        return Ok(Queued::new(payload, Vec::new(), fds));
     }
     let refs_bytes = payload.split_off(payload_len);
     let mut refs = Vec::with_capacity(nrefs);
@@ -2193,5 +2224,5 @@ fn complete(body: Bytes, payload_len: usize, nrefs: usize, fds: Vec<OwnedFd>) ->
         }
         refs.push(WireRef { kind, id });
     }
-    Ok(InMessage { payload, refs, fds })
+    Ok(Queued::new(payload, refs, fds))
 }

@@ -130,11 +130,12 @@ impl UnixListener {
 /// Linux's default (`wmem_default`, 208 KiB) makes a 1 MiB message fill it five times;
 /// each time the writer waits and the reader wakes it, and with the tasks of both ends on
 /// two runtime threads those hand-offs cost more than the copies: 1 MiB messages over
-/// unix went from 2.6 to 4.1 GB/s with this value (`libchan-bench --transport unix
-/// --workload bulk`, medians of 5 alternating runs; larger values gave the same). The
-/// cost is kernel memory: up to twice this per connection while the peer reads slower
-/// than this side writes.
-pub const SEND_BUFFER: usize = 512 * 1024;
+/// unix went from 2.7 to 4.1–4.2 GB/s with this value (`libchan-bench --transport unix
+/// --workload bulk`, medians of 5–7 alternating runs; 512 KiB to 4 MiB gave the same).
+/// The cost is kernel memory: up to twice this per connection while the peer reads slower
+/// than this side writes, and data reaches a slow receiver sooner (where it is buffered
+/// as received messages, up to the windows).
+pub const SEND_BUFFER: usize = 256 * 1024;
 
 /// A [`Link`] over a unix stream socket that passes descriptors with `SCM_RIGHTS`.
 ///
