@@ -637,9 +637,6 @@ fn poll_remote<T: Message>(
     cx: &mut Context<'_>,
 ) -> Poll<Result<Option<T>, Error>> {
     if let Some(m) = r.ahead.pop_front() {
-        if r.ahead.is_empty() && r.ahead.capacity() > 2 * crate::mux::RECV_BATCH {
-            r.ahead = VecDeque::new();
-        }
         return Poll::Ready(decode_message::<T>(&r.session, r.id, m).map(Some));
     }
     match r.session.conn.poll_recv_batch(cx, r.id, &mut r.ahead) {
