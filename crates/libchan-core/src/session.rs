@@ -22,7 +22,7 @@ use crate::conn::{Connection, ConnectionStats};
 use crate::driver::{Link, MuxConnection};
 use crate::error::{Error, ErrorKind};
 use crate::frame::StreamKind;
-use crate::message::{InMessage, OutMessage, OutRef, RefKind, WireRef, MESSAGE_HEADER_LEN};
+use crate::message::{InMessage, OutMessage, OutRef, RefKind, WireRef};
 use crate::mux::Role;
 
 /// A type that can be sent on a channel.
@@ -675,19 +675,18 @@ pub(crate) fn encode_message<T: Message>(
         }
         return Err(e);
     }
-    let spliced: usize = ctx.splices.iter().map(|(_, b)| b.len()).sum();
-    let payload_len = buf.len() - MESSAGE_HEADER_LEN + spliced;
-    let over = if ctx.refs.len() > u16::MAX as usize {
+    let msg = OutMessage::finish_spliced(buf, ctx.splices, ctx.refs, ctx.fds);
+    let over = if msg.refs().len() > u16::MAX as usize {
         Some(Error::limit(
             "references per message",
             u64::from(u16::MAX),
-            ctx.refs.len() as u64,
+            msg.refs().len() as u64,
         ))
-    } else if payload_len > u32::MAX as usize {
+    } else if msg.payload_len() > u32::MAX as usize {
         Some(Error::limit(
             "payload length (u32 on the wire)",
             u64::from(u32::MAX),
-            payload_len as u64,
+            msg.payload_len() as u64,
         ))
     } else {
         None
@@ -698,7 +697,6 @@ pub(crate) fn encode_message<T: Message>(
         }
         return Err(e);
     }
-    let msg = OutMessage::finish_spliced(buf, ctx.splices, ctx.refs, ctx.fds);
     Ok((msg, ctx.attach))
 }
 
@@ -732,6 +730,7 @@ pub(crate) fn decode_message<T: Message>(
 mod tests {
     use super::*;
     use crate::driver::IoLink;
+    use crate::message::MESSAGE_HEADER_LEN;
     use crate::Blob;
 
     #[derive(Serialize, serde::Deserialize)]

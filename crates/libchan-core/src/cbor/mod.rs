@@ -48,8 +48,7 @@ pub struct Cbor;
 /// assert_eq!(out, [0x82, 0x01, 0x61, b'a']);
 /// ```
 pub fn encode<T: Serialize + ?Sized>(value: &T, out: &mut Vec<u8>) -> Result<(), Error> {
-    ciborium::ser::into_writer(value, out)
-        .map_err(|e| Error::new(ErrorKind::Encode, format!("cbor: {e}")))
+    ciborium::ser::into_writer(value, out).map_err(encode_error)
 }
 
 /// [`encode`] for a session: a [`Blob`](crate::Blob) that offered its bytes (see
@@ -60,8 +59,11 @@ pub(crate) fn encode_spliced<T: Serialize + ?Sized>(
     value: &T,
     out: &mut Vec<u8>,
 ) -> Result<(), Error> {
-    ciborium::ser::into_writer(value, SpliceOut(out))
-        .map_err(|e| Error::new(ErrorKind::Encode, format!("cbor: {e}")))
+    ciborium::ser::into_writer(value, SpliceOut(out)).map_err(encode_error)
+}
+
+fn encode_error(e: impl std::fmt::Display) -> Error {
+    Error::new(ErrorKind::Encode, format!("cbor: {e}"))
 }
 
 /// The writer of [`encode_spliced`]: ciborium writes a byte string's contents with one
