@@ -229,7 +229,7 @@ impl<T: Message> Sender<T> {
                         error: Error::closed("send after close"),
                     });
                 }
-                if let Err(error) = poll_fn(|cx| r.session.conn.poll_send_ready(cx, r.id)).await {
+                if let Err(error) = poll_fn(|cx| poll_send_ready_coop(r, cx)).await {
                     return Err(SendError {
                         message: value,
                         error,
@@ -451,6 +451,17 @@ impl<T: Message> Sender<T> {
     }
 }
 
+/// Waits for room on a remote channel, as one unit of the task's tokio cooperative budget:
+/// a task that sends without ever waiting yields now and then, like with tokio's own
+/// channels, so that the connection's writer (and, with a multi-thread runtime, the other
+/// workers) get to run while it produces instead of after.
+fn poll_send_ready_coop(r: &RemoteSender, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
+    let coop = std::task::ready!(tokio::task::coop::poll_proceed(cx));
+    let res = std::task::ready!(r.session.conn.poll_send_ready(cx, r.id));
+    coop.made_progress();
+    Poll::Ready(res)
+}
+
 fn remote_send<T: Message>(r: &Arc<RemoteSender>, value: T) -> Result<(), SendError<T>> {
     let hint = r.size_hint.load(Ordering::Relaxed);
     let (msg, attach) = match encode_message(&r.session, &value, Vec::with_capacity(hint)) {
@@ -636,15 +647,18 @@ fn poll_remote<T: Message>(
     r: &mut RemoteReceiver,
     cx: &mut Context<'_>,
 ) -> Poll<Result<Option<T>, Error>> {
+    let coop = std::task::ready!(tokio::task::coop::poll_proceed(cx));
     if let Some(m) = r.ahead.pop_front() {
+        coop.made_progress();
         return Poll::Ready(decode_message::<T>(&r.session, r.id, m).map(Some));
     }
-    match r.session.conn.poll_recv_batch(cx, r.id, &mut r.ahead) {
-        Poll::Pending => Poll::Pending,
-        Poll::Ready(Ok(None)) => Poll::Ready(Ok(None)),
-        Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
-        Poll::Ready(Ok(Some(m))) => Poll::Ready(decode_message::<T>(&r.session, r.id, m).map(Some)),
-    }
+    let res = std::task::ready!(r.session.conn.poll_recv_batch(cx, r.id, &mut r.ahead));
+    coop.made_progress();
+    Poll::Ready(match res {
+        Ok(None) => Ok(None),
+        Err(e) => Err(e),
+        Ok(Some(m)) => decode_message::<T>(&r.session, r.id, m).map(Some),
+    })
 }
 
 enum FeedPoll<T> {

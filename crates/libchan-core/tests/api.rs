@@ -146,6 +146,65 @@ async fn every_sender_clone_waiting_on_a_full_window_gets_through() {
     }
 }
 
+/// A task that sends or receives on a remote channel without ever waiting still yields
+/// now and then (tokio's cooperative budget), so other tasks on its thread run meanwhile:
+/// here a one-thread runtime, where nothing else could run otherwise.
+#[tokio::test(flavor = "current_thread")]
+async fn remote_send_and_recv_yield_to_other_tasks() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    const N: usize = 1000;
+    let (a, b) = duplex_pair(Config::new(libchan_codec_cbor::Cbor)).await;
+    let tx = a.open::<u32>().await.unwrap();
+    let mut rx = b.accept::<u32>().await.unwrap().unwrap();
+    let marker_tx = a.open::<u32>().await.unwrap();
+    let mut marker_rx = b.accept::<u32>().await.unwrap().unwrap();
+
+    // Sending: 1000 small messages fit the window, so no send waits.
+    let ran = Arc::new(AtomicBool::new(false));
+    let sender = tokio::spawn({
+        let ran = ran.clone();
+        async move {
+            let flag = tokio::spawn(async move { ran.store(true, Ordering::SeqCst) });
+            let mut seen_at = None;
+            for i in 0..N {
+                tx.send(i as u32).await.unwrap();
+                if seen_at.is_none() && flag.is_finished() {
+                    seen_at = Some(i);
+                }
+            }
+            marker_tx.send(0).await.unwrap();
+            (seen_at, tx, marker_tx)
+        }
+    });
+    let (seen_at, _tx, _marker_tx) = sender.await.unwrap();
+    assert!(ran.load(Ordering::SeqCst));
+    assert!(
+        seen_at.is_some(),
+        "another task ran only after {N} sends that never waited"
+    );
+
+    // Receiving: the marker comes after the 1000 messages on the same pipe, so once it is
+    // here every one of them is queued and no receive waits.
+    marker_rx.recv().await.unwrap();
+    let receiver = tokio::spawn(async move {
+        let flag = tokio::spawn(async {});
+        let mut seen_at = None;
+        for i in 0..N {
+            assert_eq!(rx.recv().await.unwrap(), Some(i as u32));
+            if seen_at.is_none() && flag.is_finished() {
+                seen_at = Some(i);
+            }
+        }
+        seen_at
+    });
+    assert!(
+        receiver.await.unwrap().is_some(),
+        "another task ran only after {N} receives that never waited"
+    );
+}
+
 /// Two sessions over an in-process byte pipe (a real multiplexer and driver on each side).
 async fn duplex_pair(config: Config) -> (Session, Session) {
     use libchan_core::driver::IoLink;
