@@ -1019,7 +1019,7 @@ impl Mux {
         &mut self,
         cx: &mut Context<'_>,
         id: u32,
-        mut more: Option<&mut VecDeque<InMessage>>,
+        more: Option<&mut VecDeque<InMessage>>,
     ) -> Poll<Result<Option<InMessage>, Error>> {
         let window = self.local.initial_window;
         let lost = self.lost.clone();
@@ -1031,23 +1031,31 @@ impl Mux {
                 let n = m.wire_len();
                 s.buffered -= n;
                 self.budget.held = self.budget.held.saturating_sub(n);
-                let mut bytes = n;
-                while let Some(more) = more.as_deref_mut() {
-                    if more.len() >= RECV_BATCH || bytes >= RECV_BATCH_BYTES {
-                        break;
+                if let Some(more) = more {
+                    // Count first and reserve exactly: a receiver keeps its batch queue,
+                    // so growing it by doubling would leave most of it unused for good.
+                    let mut bytes = n;
+                    let mut k = 0;
+                    for next in s.msgs.iter() {
+                        if more.len() + k >= RECV_BATCH || bytes >= RECV_BATCH_BYTES {
+                            break;
+                        }
+                        match next {
+                            Ok(m) if m.is_plain() => bytes += m.wire_len(),
+                            _ => break,
+                        }
+                        k += 1;
                     }
-                    match s.msgs.front() {
-                        Some(Ok(m)) if m.is_plain() => {}
-                        _ => break,
+                    more.reserve_exact(k);
+                    for m in s.msgs.drain(..k) {
+                        let Ok(m) = m else {
+                            unreachable!("counted only messages")
+                        };
+                        let n = m.wire_len();
+                        s.buffered -= n;
+                        self.budget.held = self.budget.held.saturating_sub(n);
+                        more.push_back(m.into_message());
                     }
-                    let Some(Ok(m)) = s.msgs.pop_front() else {
-                        unreachable!("checked above")
-                    };
-                    let n = m.wire_len();
-                    s.buffered -= n;
-                    self.budget.held = self.budget.held.saturating_sub(n);
-                    bytes += n;
-                    more.push_back(m.into_message());
                 }
             }
             let exempt = self.budget.exempt(id, s, 0);

@@ -828,6 +828,8 @@ fn receive_batches_are_ordered_bounded_and_stop_at_references() {
                     "{bytes} bytes in one batch"
                 );
                 assert!(more.iter().all(|m| m.refs.is_empty()));
+                // Reserved for what it holds, not grown by doubling (a receiver keeps it).
+                assert_eq!(more.capacity(), more.len(), "batch queue capacity");
                 batches.push(1 + more.len());
                 got.push(m);
                 got.extend(more);
