@@ -197,6 +197,13 @@ where
             Poll::Pending => Poll::Pending,
             Poll::Ready(r) => {
                 self.in_flight = None;
+                // tokio-tungstenite wakes the task that last wrote whenever the socket
+                // becomes readable too (one waker proxy per direction, both slots woken).
+                // The writer needs no wake-up once its write is done: leave a no-op waker
+                // in that slot, so that every message read does not also wake the idle
+                // writer (which cost a cross-thread wake-up per round trip).
+                let mut idle = Context::from_waker(std::task::Waker::noop());
+                let _ = Pin::new(&mut self.sink).poll_flush(&mut idle);
                 Poll::Ready(r.map(|()| n).map_err(ws))
             }
         }

@@ -132,3 +132,63 @@ async fn a_client_without_the_subprotocol_is_refused_by_the_server() {
     let e = server.await.expect("task").expect_err("no session");
     assert_eq!(e.kind(), ErrorKind::Handshake);
 }
+
+/// Counts the wake-ups of a waker.
+#[derive(Default)]
+struct Wakes(std::sync::atomic::AtomicUsize);
+
+impl std::task::Wake for Wakes {
+    fn wake(self: std::sync::Arc<Self>) {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// A message arriving wakes the link's reader only: its writer, idle once its write is
+/// done (it then waits for the session, not for the socket), is not woken with it.
+/// tokio-tungstenite wakes the last writer on every readable event unless the link clears
+/// that slot; this cost a cross-thread wake-up per round trip.
+#[tokio::test]
+async fn a_message_read_does_not_wake_an_idle_writer() {
+    use bytes::BytesMut;
+    use futures_util::SinkExt;
+    use libchan_core::driver::Link;
+    use std::sync::Arc;
+    use std::task::{Context, Poll, Waker};
+    use tokio_tungstenite::tungstenite::protocol::Role;
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::WebSocketStream;
+
+    let (x, y) = tokio::io::duplex(1 << 16);
+    let ours = WebSocketStream::from_raw_socket(x, Role::Client, None).await;
+    let mut theirs = WebSocketStream::from_raw_socket(y, Role::Server, None).await;
+    let (mut r, mut w) = Box::new(libchan_ws::WsLink::new(ours, None)).split();
+
+    let writer_wakes = Arc::new(Wakes::default());
+    let writer_waker = Waker::from(writer_wakes.clone());
+    let reader_wakes = Arc::new(Wakes::default());
+    let reader_waker = Waker::from(reader_wakes.clone());
+    let mut buf = BytesMut::with_capacity(64);
+    let mut fds = Vec::new();
+
+    match w.poll_write_fds(&mut Context::from_waker(&writer_waker), b"ping", &[]) {
+        Poll::Ready(Ok(4)) => {}
+        other => panic!("write: {other:?}"),
+    }
+    assert!(r
+        .poll_read_fds(&mut Context::from_waker(&reader_waker), &mut buf, &mut fds)
+        .is_pending());
+    theirs
+        .send(Message::Binary(bytes::Bytes::from_static(b"pong")))
+        .await
+        .expect("peer sends");
+    assert_eq!(reader_wakes.0.load(std::sync::atomic::Ordering::SeqCst), 1);
+    match r.poll_read_fds(&mut Context::from_waker(&reader_waker), &mut buf, &mut fds) {
+        Poll::Ready(Ok(4)) => assert_eq!(&buf[..], b"pong"),
+        other => panic!("read: {other:?}"),
+    }
+    assert_eq!(
+        writer_wakes.0.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "the idle writer was woken by a read"
+    );
+}
