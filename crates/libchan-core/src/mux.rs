@@ -218,6 +218,44 @@ struct Chunk {
     pos: usize,
     fds: Vec<OwnedFd>,
     message: bool,
+    /// Holds several whole small messages back to back (see [`COALESCE_MAX`]): a cut
+    /// inside it must not split one of their headers.
+    coalesced: bool,
+}
+
+/// A message of at most this many bytes, without descriptors, is appended to the
+/// stream's last queued chunk (if that is a buffer of small messages with room) instead of
+/// being queued on its own: its buffer is then freed by the sending thread, where it was
+/// allocated, instead of by the writer's, and the queue does not grow per message.
+const COALESCE_MAX: usize = 1024;
+/// Largest buffer of coalesced small messages.
+const COALESCE_CHUNK: usize = 16 * 1024;
+
+impl Chunk {
+    /// Shortens a cut of `k` bytes from `pos` so that it does not end inside the header of
+    /// one of the coalesced messages (a header is never split across DATA frames).
+    fn header_safe(&self, k: usize) -> usize {
+        let data = self.data.as_slice();
+        let end = self.pos + k;
+        if !self.coalesced || end >= data.len() {
+            return k;
+        }
+        // Walk the message boundaries (our own encoding) up to the cut.
+        let mut at = 0;
+        while at + MESSAGE_HEADER_LEN <= data.len() {
+            if end < at {
+                break;
+            }
+            if end < at + MESSAGE_HEADER_LEN {
+                return at.saturating_sub(self.pos);
+            }
+            let h = &data[at..at + MESSAGE_HEADER_LEN];
+            let payload_len = u32::from_be_bytes([h[0], h[1], h[2], h[3]]) as usize;
+            let nrefs = usize::from(u16::from_be_bytes([h[4], h[5]]));
+            at += MESSAGE_HEADER_LEN + payload_len + nrefs * REF_LEN;
+        }
+        k
+    }
 }
 
 struct Stream {
@@ -308,6 +346,10 @@ impl Stream {
             Some(c) => {
                 if c.message && c.pos == 0 {
                     self.credit as usize >= MESSAGE_HEADER_LEN
+                } else if c.coalesced {
+                    // Credit enough to move without splitting the next header.
+                    let k = (c.data.len() - c.pos).min(self.credit as usize);
+                    k > 0 && c.header_safe(k) > 0
                 } else {
                     self.credit > 0
                 }
@@ -721,12 +763,26 @@ impl Mux {
         }
         let s = self.streams.get_mut(&id).expect("checked above");
         match msg.into_unspliced() {
-            Ok((buf, fds)) => s.queue.push_back(Chunk {
-                data: ChunkData::Owned(buf),
-                pos: 0,
-                fds,
-                message: true,
-            }),
+            Ok((buf, fds)) => {
+                let small = fds.is_empty() && buf.len() <= COALESCE_MAX;
+                match s.queue.back_mut() {
+                    Some(Chunk {
+                        data: ChunkData::Owned(v),
+                        coalesced: true,
+                        ..
+                    }) if small && v.len() + buf.len() <= COALESCE_CHUNK => {
+                        v.extend_from_slice(&buf);
+                    }
+                    // Its own buffer starts the chunk; later small ones append to it.
+                    _ => s.queue.push_back(Chunk {
+                        data: ChunkData::Owned(buf),
+                        pos: 0,
+                        fds,
+                        message: true,
+                        coalesced: small,
+                    }),
+                }
+            }
             Err(msg) => {
                 // The first piece starts with the message header (never spliced); the
                 // rest continue the message like byte-stream data.
@@ -739,6 +795,7 @@ impl Mux {
                         pos: 0,
                         fds: fds.take().unwrap_or_default(),
                         message: first,
+                        coalesced: false,
                     });
                 }
             }
@@ -796,6 +853,7 @@ impl Mux {
             pos: 0,
             fds: Vec::new(),
             message: false,
+            coalesced: false,
         });
         s.pending += n;
         self.mark_ready(id);
@@ -1365,7 +1423,10 @@ impl Mux {
                         fds.append(&mut c.fds);
                     }
                 }
-                let k = (c.data.len() - c.pos).min(room - n);
+                let k = c.header_safe((c.data.len() - c.pos).min(room - n));
+                if k == 0 {
+                    break;
+                }
                 match refs.as_deref_mut() {
                     Some(r) if k >= Batch::BY_REFERENCE => {
                         r.list.push((out.len(), c.data.slice(c.pos..c.pos + k)));

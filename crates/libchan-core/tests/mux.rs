@@ -854,3 +854,40 @@ fn receive_batches_are_ordered_bounded_and_stop_at_references() {
     assert!(batches[4..].iter().all(|&n| n <= 5), "{batches:?}");
     assert_eq!(batches.iter().sum::<usize>(), 111);
 }
+
+/// Small messages queued back to back share one buffer; cut into frames anywhere (by
+/// the batch size, the frame size and the credit) none of their headers is split across
+/// DATA frames, which the receiver would take as a protocol error.
+#[test]
+fn small_messages_queued_together_are_never_cut_inside_a_header() {
+    const N: u32 = 2000;
+    let limits = Limits {
+        initial_window: Limits::MIN_WINDOW,
+        max_frame_size: Limits::MIN_FRAME_SIZE,
+        ..Limits::default()
+    };
+    for max in [30, 37, 100, 1000, 4099, 1 << 20] {
+        let mut p = Pair::with(limits.clone(), limits.clone());
+        let id = p.a.open(StreamKind::OpenerSends).expect("open");
+        for i in 0..N {
+            let len = (i * 37 % 301) as usize;
+            p.a.send_message(id, message(&vec![i as u8; len]))
+                .expect("send");
+        }
+        p.run_limited(max);
+        let bid = accept(&mut p.b);
+        let mut got = 0u32;
+        for _ in 0..100_000 {
+            while let Poll::Ready(Ok(Some(m))) = recv(&mut p.b, bid) {
+                let len = (got * 37 % 301) as usize;
+                assert_eq!(&m.payload[..], &vec![got as u8; len][..], "message {got}");
+                got += 1;
+            }
+            if got == N {
+                break;
+            }
+            p.run_limited(max);
+        }
+        assert_eq!(got, N, "batches of {max} bytes");
+    }
+}
