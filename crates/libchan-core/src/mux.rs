@@ -231,6 +231,15 @@ const COALESCE_MAX: usize = 1024;
 /// Largest buffer of coalesced small messages.
 const COALESCE_CHUNK: usize = 16 * 1024;
 
+/// The fields of a message header (docs/PROTOCOL.md §7): payload length, references,
+/// descriptors. `h` is [`MESSAGE_HEADER_LEN`] bytes.
+fn message_header(h: &[u8]) -> (usize, usize, usize) {
+    let payload_len = u32::from_be_bytes([h[0], h[1], h[2], h[3]]) as usize;
+    let nrefs = usize::from(u16::from_be_bytes([h[4], h[5]]));
+    let nfds = usize::from(u16::from_be_bytes([h[6], h[7]]));
+    (payload_len, nrefs, nfds)
+}
+
 impl Chunk {
     /// Shortens a cut of `k` bytes from `pos` so that it does not end inside the header of
     /// one of the coalesced messages (a header is never split across DATA frames).
@@ -249,9 +258,7 @@ impl Chunk {
             if end < at + MESSAGE_HEADER_LEN {
                 return at.saturating_sub(self.pos);
             }
-            let h = &data[at..at + MESSAGE_HEADER_LEN];
-            let payload_len = u32::from_be_bytes([h[0], h[1], h[2], h[3]]) as usize;
-            let nrefs = usize::from(u16::from_be_bytes([h[4], h[5]]));
+            let (payload_len, nrefs, _) = message_header(&data[at..at + MESSAGE_HEADER_LEN]);
             at += MESSAGE_HEADER_LEN + payload_len + nrefs * REF_LEN;
         }
         k
@@ -1423,8 +1430,10 @@ impl Mux {
                         fds.append(&mut c.fds);
                     }
                 }
-                let k = c.header_safe((c.data.len() - c.pos).min(room - n));
-                if k == 0 {
+                let want = (c.data.len() - c.pos).min(room - n);
+                let k = c.header_safe(want);
+                if k == 0 && want > 0 {
+                    // The next coalesced header does not fit: it goes in the next frame.
                     break;
                 }
                 match refs.as_deref_mut() {
@@ -1949,10 +1958,7 @@ impl Mux {
                 }
                 // Read in place and advance: a split would touch the read buffer's shared
                 // reference count, which the receiving thread touches too.
-                let h = &payload[..MESSAGE_HEADER_LEN];
-                let payload_len = u32::from_be_bytes([h[0], h[1], h[2], h[3]]) as usize;
-                let nrefs = usize::from(u16::from_be_bytes([h[4], h[5]]));
-                let nfds = usize::from(u16::from_be_bytes([h[6], h[7]]));
+                let (payload_len, nrefs, nfds) = message_header(&payload[..MESSAGE_HEADER_LEN]);
                 payload.advance(MESSAGE_HEADER_LEN);
                 if nfds > self.fd_in.len() {
                     return Err(Error::protocol(format!(
