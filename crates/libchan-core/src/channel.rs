@@ -189,7 +189,10 @@ impl<T: Message> Sender<T> {
     ///
     /// Over a connection, `Ok` means the message is queued for the peer, in order after
     /// earlier messages of this channel; see the delivery rules in the crate docs. On error
-    /// the message is handed back.
+    /// the message is handed back. Like tokio's channels, each send spends one unit of the
+    /// task's cooperative budget (`tokio::task::coop`): a task that sends without ever
+    /// waiting still yields now and then, so other tasks (the connection's writer among
+    /// them) run during a burst.
     ///
     /// ```
     /// # #[tokio::main(flavor = "current_thread")]
@@ -592,6 +595,9 @@ impl<T: Message> Receiver<T> {
     /// assert_eq!(rx.recv().await.unwrap(), None); // every sender dropped
     /// # }
     /// ```
+    ///
+    /// Each message received from a connection spends one unit of the task's cooperative
+    /// budget, as with [`send`](Sender::send).
     ///
     /// # Cancel safety
     /// Cancel safe: no message is lost if the future is dropped.
