@@ -29,7 +29,7 @@ use crate::conn::{Connection, ConnectionStats, PeerIdentity};
 use crate::error::{Error, ErrorKind};
 use crate::frame::{Reason, StreamKind};
 use crate::message::{InMessage, OutMessage, WireRef};
-use crate::mux::{Batch, Mux, Role};
+use crate::mux::{Batch, Mux, ReadTarget, Role};
 
 /// Size of one batch handed to the link by the writer.
 const WRITE_BATCH: usize = 256 * 1024;
@@ -55,6 +55,10 @@ pub trait Link: Send + 'static {
 pub trait LinkRead: Send + 'static {
     /// Reads into the spare capacity of `buf` (appending), and any descriptors that arrived
     /// with those bytes into `fds`. `Ok(0)` is end of stream.
+    ///
+    /// Read no more than that spare capacity: the driver hands in the body of a large
+    /// message with room for exactly the bytes of it that come next (bytes beyond it are
+    /// still handled right, but cost a copy of the body so far).
     fn poll_read_fds(
         &mut self,
         cx: &mut Context<'_>,
@@ -380,31 +384,68 @@ impl Drop for MuxConnection {
 async fn read_loop(shared: Arc<Shared>, mut r: Box<dyn LinkRead>) {
     let mut buf = BytesMut::with_capacity(READ_CHUNK);
     let mut fds = Vec::new();
+    let mut target = ReadTarget::Buffer(None);
     loop {
-        if buf.capacity() - buf.len() < READ_CHUNK / 4 {
-            buf.reserve(READ_CHUNK);
-        }
-        let res = poll_fn(|cx| r.poll_read_fds(cx, &mut buf, &mut fds)).await;
-        let stop = shared.with(|m| match res {
-            Ok(0) => {
-                m.handle_eof();
-                true
+        let (stop, next) = match target {
+            ReadTarget::Buffer(limit) => {
+                if buf.capacity() - buf.len() < READ_CHUNK / 4 {
+                    buf.reserve(READ_CHUNK);
+                }
+                let res = match limit {
+                    Some(k) => {
+                        // Room for `k` bytes only (a frame header): what follows may go
+                        // straight into a message body.
+                        let spare = buf.split_off(buf.len() + k);
+                        let res = poll_fn(|cx| r.poll_read_fds(cx, &mut buf, &mut fds)).await;
+                        buf.unsplit(spare);
+                        res
+                    }
+                    None => poll_fn(|cx| r.poll_read_fds(cx, &mut buf, &mut fds)).await,
+                };
+                shared.with(|m| {
+                    let stop = match res {
+                        Ok(0) => {
+                            m.handle_eof();
+                            true
+                        }
+                        Ok(_) => m.handle_input(&mut buf, &mut fds).is_err() || m.lost().is_some(),
+                        Err(e) => {
+                            m.fail(read_failed(e));
+                            true
+                        }
+                    };
+                    (stop, m.next_read(&mut buf))
+                })
             }
-            Ok(_) => m.handle_input(&mut buf, &mut fds).is_err() || m.lost().is_some(),
-            Err(e) => {
-                m.fail(Error::with_source(
-                    ErrorKind::ConnectionLost,
-                    format!("read failed: {e}"),
-                    e,
-                ));
-                true
+            ReadTarget::Body(mut body) => {
+                let res = poll_fn(|cx| r.poll_read_fds(cx, &mut body, &mut fds)).await;
+                shared.with(|m| {
+                    let handled = m.handle_body_input(body, &mut buf, &mut fds);
+                    let stop = match res {
+                        Ok(0) => {
+                            m.handle_eof();
+                            true
+                        }
+                        Ok(_) => handled.is_err() || m.lost().is_some(),
+                        Err(e) => {
+                            m.fail(read_failed(e));
+                            true
+                        }
+                    };
+                    (stop, m.next_read(&mut buf))
+                })
             }
-        });
+        };
         if stop {
             shared.notify.notify_one();
             return;
         }
+        target = next;
     }
+}
+
+fn read_failed(e: io::Error) -> Error {
+    Error::with_source(ErrorKind::ConnectionLost, format!("read failed: {e}"), e)
 }
 
 async fn write_loop(shared: Arc<Shared>, mut w: Box<dyn LinkWrite>) {

@@ -48,6 +48,8 @@ impl Hasher for IdHasher {
 
 type IdMap<V> = HashMap<u32, V, BuildHasherDefault<IdHasher>>;
 use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 
 use bytes::{Buf, Bytes, BytesMut};
@@ -165,6 +167,47 @@ pub const RECV_BATCH: usize = 32;
 /// Most bytes of messages [`Mux::poll_recv_batch`] hands out at once (it stops after the
 /// message that reaches this).
 pub const RECV_BATCH_BYTES: usize = 16 * 1024;
+
+/// Message bodies at least this large get their final buffer when their header arrives,
+/// and the driver reads their DATA straight into it ([`Mux::next_read`]).
+const DIRECT_MIN_BODY: usize = 64 * 1024;
+/// Fewest body bytes of one DATA frame worth a read of their own into the body.
+const DIRECT_MIN_READ: usize = 4096;
+
+/// Where the driver puts the next bytes it reads from the connection; see
+/// [`Mux::next_read`].
+#[derive(Debug)]
+pub enum ReadTarget {
+    /// Into the read buffer given to [`Mux::handle_input`], appending; at most this many
+    /// bytes if set (the next frame header, so that a large body's next frame can go
+    /// straight into the body).
+    Buffer(Option<usize>),
+    /// Into the spare capacity of this buffer: the body of a large message, with room for
+    /// exactly the bytes of the current DATA frame that belong to it. Give it back to
+    /// [`Mux::handle_body_input`] after the read.
+    Body(BytesMut),
+}
+
+/// A DATA frame whose payload the driver reads straight into a message body.
+#[derive(Debug)]
+struct Direct {
+    stream: u32,
+    /// Bytes of the frame still to arrive that belong to the body.
+    left: usize,
+    /// Bytes of the frame after those (the start of further messages): handled as a
+    /// DATA frame of their own, with the frame's FIN flag, once the body's part is in.
+    rest: usize,
+    fin: bool,
+    /// The body buffer split around this frame's part: what came before, and the room
+    /// after it. Joined again (without copying) once the part is full.
+    parts: Option<(BytesMut, BytesMut)>,
+    /// This frame's part of the body, while it is not full and not with the driver.
+    region: Option<BytesMut>,
+    /// Bytes already in `region`.
+    filled: usize,
+    /// The driver holds `region` (a [`ReadTarget::Body`]).
+    out: bool,
+}
 
 /// The tasks waiting on a stream's send side. Clones of a Sender may wait at once (for
 /// window, for the end), so every one is woken, not only the last to register; a task
@@ -400,6 +443,17 @@ pub struct Mux {
     /// Streams the peer opened for a message on a channel (the key) and that no decoded
     /// message claimed yet. Released when that channel is over: nothing can claim them.
     orphans: IdMap<Vec<u32>>,
+    /// The driver asks where to read ([`Mux::next_read`]), so large bodies may be read
+    /// into directly.
+    direct_reads: bool,
+    /// The DATA frame being read straight into a body, if any.
+    direct: Option<Direct>,
+    /// A body read directly ended with its frame and continues: read the next frame
+    /// header alone, so that the frame's payload can go straight into the body too.
+    expect_header: bool,
+    /// Capacity of large bodies allocated ahead of their bytes (bounded by
+    /// `max_session_buffer`; beyond it bodies are collected piece by piece).
+    reserved: Arc<AtomicUsize>,
 }
 
 impl std::fmt::Debug for Mux {
@@ -466,6 +520,10 @@ impl Mux {
                 starved: Vec::new(),
             },
             orphans: IdMap::default(),
+            direct_reads: false,
+            direct: None,
+            expect_header: false,
+            reserved: Arc::new(AtomicUsize::new(0)),
         }
     }
 
@@ -1521,12 +1579,21 @@ impl Mux {
             return Ok(());
         }
         self.fd_in.extend(fds.drain(..));
+        if self.direct.as_ref().is_some_and(|d| !d.out) {
+            // The driver read into the buffer after all: the body's bytes are there.
+            self.resume_frame(buf);
+        }
         let max_fds = usize::from(self.local.max_fds_per_message).max(1) * 2;
         loop {
             let first = self.peer.is_none();
             let f = match frame::decode(buf, self.local.max_frame_size, first) {
                 Ok(Some(f)) => f,
-                Ok(None) => break,
+                Ok(None) => {
+                    if let Err(e) = self.try_direct(buf) {
+                        return Err(self.protocol_failure(e));
+                    }
+                    break;
+                }
                 Err(e) => {
                     let err = if first {
                         Error::new(ErrorKind::Handshake, e.0)
@@ -1593,21 +1660,263 @@ impl Mux {
             | Frame::Reset { stream, .. } => Some(*stream),
             _ => None,
         };
-        let before = stream.map_or(0, |id| self.held_by(id));
-        let r = self.handle_frame_inner(f);
-        if let Some(id) = stream {
-            let after = self.held_by(id);
-            self.budget.held = (self.budget.held + after).saturating_sub(before);
-            let idle = self
-                .streams
-                .get(&id)
-                .is_none_or(|s| s.partial.is_none() && s.msgs.is_empty());
-            if idle {
-                self.budget.forget(id);
-            }
-            self.unstarve();
+        match stream {
+            Some(id) => self.accounted(id, |m| m.handle_frame_inner(f)),
+            None => self.handle_frame_inner(f),
         }
+    }
+
+    /// Runs `f`, which changes what stream `id` holds, and settles the session budget.
+    fn accounted<R>(&mut self, id: u32, f: impl FnOnce(&mut Self) -> R) -> R {
+        let before = self.held_by(id);
+        let r = f(self);
+        let after = self.held_by(id);
+        self.budget.held = (self.budget.held + after).saturating_sub(before);
+        let idle = self
+            .streams
+            .get(&id)
+            .is_none_or(|s| s.partial.is_none() && s.msgs.is_empty());
+        if idle {
+            self.budget.forget(id);
+        }
+        self.unstarve();
         r
+    }
+
+    /// Says where the driver reads next: into the read buffer, or straight into the body
+    /// of a large message whose DATA frame is arriving (the kernel then copies its bytes
+    /// once, into their final place, instead of into the read buffer and again into the
+    /// body). A driver that calls this must read where it says, and hand a
+    /// [`ReadTarget::Body`] back to [`handle_body_input`](Mux::handle_body_input) — even
+    /// after a read of 0 bytes or an error — before it calls anything else that takes
+    /// input. A driver that never calls it gets no direct reads.
+    ///
+    /// ```
+    /// use bytes::BytesMut;
+    /// use libchan_core::mux::{Mux, ReadTarget, Role};
+    /// use libchan_core::Limits;
+    /// let mut m = Mux::new(Role::Dialer, Limits::default(), vec!["cbor".into()]);
+    /// let mut buf = BytesMut::new();
+    /// assert!(matches!(m.next_read(&mut buf), ReadTarget::Buffer(None)));
+    /// ```
+    pub fn next_read(&mut self, buf: &mut BytesMut) -> ReadTarget {
+        self.direct_reads = true;
+        if self.lost.is_some() {
+            self.direct = None;
+            return ReadTarget::Buffer(None);
+        }
+        if let Some(d) = &mut self.direct {
+            if !d.out {
+                if let Some(region) = d.region.take() {
+                    d.out = true;
+                    return ReadTarget::Body(region);
+                }
+                let dest = self
+                    .streams
+                    .get_mut(&d.stream)
+                    .filter(|s| matches!(s.rx, RxState::Open))
+                    .and_then(|s| s.partial.as_mut())
+                    .and_then(|p| p.body.dest.take());
+                let Some(mut dest) = dest else {
+                    // The stream was released meanwhile: its bytes are stale, read them
+                    // into the buffer as a frame of their own.
+                    self.resume_frame(buf);
+                    return ReadTarget::Buffer(None);
+                };
+                if dest.capacity() - dest.len() < d.left {
+                    dest.reserve(d.left);
+                }
+                let head = dest.split_to(dest.len());
+                let after = dest.split_off(d.left);
+                d.parts = Some((head, after));
+                d.filled = 0;
+                d.out = true;
+                self.expect_header = false;
+                return ReadTarget::Body(dest);
+            }
+        }
+        if self.expect_header {
+            if buf.len() < frame::HEADER_LEN {
+                return ReadTarget::Buffer(Some(frame::HEADER_LEN - buf.len()));
+            }
+            self.expect_header = false;
+        }
+        ReadTarget::Buffer(None)
+    }
+
+    /// Takes back the body buffer of a [`ReadTarget::Body`] after the driver read into
+    /// it (`fds`: descriptors that arrived with those bytes), and handles the bytes, as
+    /// [`handle_input`](Mux::handle_input) would have. Bytes beyond the room it had (a link
+    /// that appended more than the spare capacity) are moved to `buf`, as input that
+    /// follows.
+    pub fn handle_body_input(
+        &mut self,
+        mut region: BytesMut,
+        buf: &mut BytesMut,
+        fds: &mut Vec<OwnedFd>,
+    ) -> Result<(), Error> {
+        let Some(d) = self.direct.as_mut().filter(|d| d.out) else {
+            return Ok(());
+        };
+        d.out = false;
+        if self.lost.is_some() {
+            self.direct = None;
+            return Ok(());
+        }
+        let mut n = region.len().saturating_sub(d.filled);
+        let extra = if n > d.left {
+            n = d.left;
+            Some(region.split_off(d.filled + n))
+        } else {
+            None
+        };
+        d.left -= n;
+        d.filled += n;
+        let (id, left, rest, fin) = (d.stream, d.left, d.rest, d.fin);
+        let whole = if left == 0 {
+            // The frame's part is in: join the body again. `head` is full and `region`
+            // is full, so each join only moves the end of one buffer to the next.
+            d.parts.take().map(|(mut head, after)| {
+                head.unsplit(region);
+                head.unsplit(after);
+                head
+            })
+        } else {
+            d.region = Some(region);
+            None
+        };
+        self.fd_in.extend(fds.drain(..));
+        if let Some(p) = self
+            .streams
+            .get_mut(&id)
+            .filter(|s| matches!(s.rx, RxState::Open))
+            .and_then(|s| s.partial.as_mut())
+        {
+            p.body.len += n;
+            if whole.is_some() {
+                p.body.dest = whole;
+            }
+        }
+        self.accounted(id, |m| m.body_arrived(id, n));
+        if left == 0 {
+            self.direct = None;
+            if rest > 0 || fin {
+                // The frame's remainder: a frame of its own, in front of what follows.
+                prepend_data_header(buf, id, rest, fin);
+            } else {
+                self.expect_header = self.streams.get(&id).is_some_and(|s| {
+                    s.partial
+                        .as_ref()
+                        .is_some_and(|p| p.body.dest.is_some() && p.need >= DIRECT_MIN_READ)
+                });
+            }
+        }
+        if let Some(extra) = extra {
+            buf.extend_from_slice(&extra);
+        }
+        if !buf.is_empty() {
+            return self.handle_input(buf, &mut Vec::new());
+        }
+        Ok(())
+    }
+
+    /// `n` bytes of stream `id`'s partial message arrived straight in its body buffer.
+    fn body_arrived(&mut self, id: u32, n: usize) {
+        let window = self.local.initial_window;
+        let mut pins: Vec<u32> = Vec::new();
+        let Some(s) = self.streams.get_mut(&id) else {
+            return;
+        };
+        if !matches!(s.rx, RxState::Open) {
+            return;
+        }
+        let Some(p) = s.partial.as_mut() else {
+            return;
+        };
+        // Checked when the frame was chosen for a direct read: within credit and body.
+        s.outstanding = s.outstanding.saturating_sub(n as u32);
+        p.need = p.need.saturating_sub(n);
+        p.counted += n;
+        let woke = p.need == 0 && finish_partial(s, &mut pins);
+        let exempt = self.budget.exempt(id, s, n);
+        Self::grant(&mut self.ctrl, &mut self.flush, id, s, window, exempt);
+        if woke {
+            let w = s.rx_waker.take();
+            self.wake(w);
+        }
+        for p in pins {
+            if self.role.owns(p) {
+                if let Some(t) = self.streams.get_mut(&p) {
+                    t.pins += 1;
+                }
+            }
+        }
+    }
+
+    /// With an incomplete frame at the front of `buf`: if it is a DATA frame that carries
+    /// at least [`DIRECT_MIN_READ`] more bytes of a large body, handles the bytes that are
+    /// here as a frame of their own and has the rest read straight into the body.
+    fn try_direct(&mut self, buf: &mut BytesMut) -> Result<(), Error> {
+        if !self.direct_reads
+            || self.direct.is_some()
+            || self.peer.is_none()
+            || buf.len() < frame::HEADER_LEN
+            || buf[3] != frame::FrameType::DATA.0
+        {
+            return Ok(());
+        }
+        // `frame::decode` checked the length against max_frame_size and the reserved bit.
+        let len = (usize::from(buf[0]) << 16) | (usize::from(buf[1]) << 8) | usize::from(buf[2]);
+        let fin = buf[4] & FLAG_FIN != 0;
+        let id = u32::from_be_bytes([buf[5], buf[6], buf[7], buf[8]]);
+        let here = buf.len() - frame::HEADER_LEN;
+        let Some(s) = self.streams.get(&id) else {
+            return Ok(());
+        };
+        if !s.can_recv
+            || s.kind == StreamKind::Bytes
+            || !matches!(s.rx, RxState::Open)
+            || len > s.outstanding as usize
+        {
+            return Ok(());
+        }
+        let Some(p) = s.partial.as_ref() else {
+            return Ok(());
+        };
+        if p.discard || p.body.dest.is_none() || here >= p.need {
+            return Ok(());
+        }
+        let direct = len.min(p.need) - here;
+        if direct < DIRECT_MIN_READ {
+            return Ok(());
+        }
+        buf.advance(frame::HEADER_LEN);
+        let payload = buf.split().freeze();
+        self.handle_frame(Frame::Data {
+            stream: id,
+            fin: false,
+            payload,
+        })?;
+        self.direct = Some(Direct {
+            stream: id,
+            left: direct,
+            rest: len - here - direct,
+            fin,
+            parts: None,
+            region: None,
+            filled: 0,
+            out: false,
+        });
+        Ok(())
+    }
+
+    /// Gives up a pending direct read: the rest of its frame is read into `buf` (in front
+    /// of what is there) as a DATA frame of its own.
+    fn resume_frame(&mut self, buf: &mut BytesMut) {
+        let Some(d) = self.direct.take() else {
+            return;
+        };
+        prepend_data_header(buf, d.stream, d.left + d.rest, d.fin);
     }
 
     /// Re-grants credit to starved streams once that is allowed again.
@@ -1935,19 +2244,8 @@ impl Mux {
                         p.body.push(piece);
                         p.counted += take;
                     }
-                    if p.need == 0 {
-                        let p = *s.partial.take().expect("present");
-                        if !p.discard {
-                            s.buffered += MESSAGE_HEADER_LEN + p.body.len;
-                            let item = complete(p.body.join(), p.payload_len, p.nrefs, p.fds)
-                                .inspect_err(|_| {
-                                    s.buffered -=
-                                        MESSAGE_HEADER_LEN + p.payload_len + p.nrefs * REF_LEN;
-                                });
-                            pin(&mut pins, &item);
-                            s.msgs.push_back(item);
-                            woke = true;
-                        }
+                    if p.need == 0 && finish_partial(s, &mut pins) {
+                        woke = true;
                     }
                     continue;
                 }
@@ -2024,7 +2322,7 @@ impl Mux {
                 }
                 debug_assert!(!discarding);
                 s.partial = Some(Box::new(Partial {
-                    body: Body::default(),
+                    body: Body::with_len(body_len, &self.reserved, self.budget.max),
                     need: body_len,
                     payload_len,
                     nrefs,
@@ -2034,6 +2332,11 @@ impl Mux {
                 }));
             }
         }
+        // A large body continues: its next frame may go straight into it.
+        self.expect_header = s
+            .partial
+            .as_ref()
+            .is_some_and(|p| p.body.dest.is_some() && p.need >= DIRECT_MIN_READ);
         // The session total is settled by `handle_frame` after this frame; judge the
         // exemption on what it was before plus this frame.
         let exempt = self.budget.exempt(id, s, len);
@@ -2242,17 +2545,64 @@ fn unpin(piece: Bytes) -> Bytes {
 /// The body of a message that spans DATA frames, collected without copying large pieces
 /// (each stays a slice of its read buffer) and joined once, at its exact size, when
 /// complete: growing one buffer would copy the body again at every doubling.
+///
+/// A large body (at least [`DIRECT_MIN_BODY`]) instead gets its final buffer at once
+/// (`dest`): what arrives through the read buffer is copied into it, and the rest the
+/// driver reads straight into it ([`Mux::next_read`]), so that most of its bytes are
+/// copied once, by the kernel.
 #[derive(Default)]
 struct Body {
     pieces: Vec<Bytes>,
     /// Small pieces, copied (see [`UNPIN_BELOW`]), since the last large one.
     tail: BytesMut,
     len: usize,
+    /// The whole body's buffer, for a large body; taken out while the driver reads into it.
+    dest: Option<BytesMut>,
+    /// Counts `dest`'s capacity against the session's direct-read reserve.
+    _reserved: Option<Reserved>,
+}
+
+/// Capacity of message buffers allocated ahead of their bytes, counted against
+/// `max_session_buffer` and released when the buffer is complete or dropped.
+struct Reserved {
+    n: usize,
+    total: Arc<AtomicUsize>,
+}
+
+impl Drop for Reserved {
+    fn drop(&mut self) {
+        self.total.fetch_sub(self.n, Ordering::Relaxed);
+    }
 }
 
 impl Body {
+    /// A body of `len` bytes that gets its buffer at once, if the reserve allows.
+    fn with_len(len: usize, total: &Arc<AtomicUsize>, max: usize) -> Body {
+        if len < DIRECT_MIN_BODY {
+            return Body::default();
+        }
+        let now = total.fetch_add(len, Ordering::Relaxed);
+        let reserved = Reserved {
+            n: len,
+            total: total.clone(),
+        };
+        if now + len > max {
+            drop(reserved);
+            return Body::default();
+        }
+        Body {
+            dest: Some(BytesMut::with_capacity(len)),
+            _reserved: Some(reserved),
+            ..Body::default()
+        }
+    }
+
     fn push(&mut self, piece: Bytes) {
         self.len += piece.len();
+        if let Some(d) = &mut self.dest {
+            d.extend_from_slice(&piece);
+            return;
+        }
         if piece.len() < UNPIN_BELOW {
             self.tail.extend_from_slice(&piece);
         } else {
@@ -2264,6 +2614,9 @@ impl Body {
     }
 
     fn join(mut self) -> Bytes {
+        if let Some(d) = self.dest.take() {
+            return d.freeze();
+        }
         if !self.tail.is_empty() {
             self.pieces.push(self.tail.freeze());
         }
@@ -2276,6 +2629,35 @@ impl Body {
         }
         body.freeze()
     }
+}
+
+/// Puts a DATA frame header in front of the input in `buf` (empty, normally: input is
+/// all consumed when a frame's payload goes straight into a body).
+fn prepend_data_header(buf: &mut BytesMut, stream: u32, len: usize, fin: bool) {
+    if buf.is_empty() {
+        frame::encode_data_header(buf, stream, len, fin);
+        return;
+    }
+    let mut h = BytesMut::with_capacity(frame::HEADER_LEN + buf.len());
+    frame::encode_data_header(&mut h, stream, len, fin);
+    h.extend_from_slice(buf);
+    *buf = h;
+}
+
+/// The partial message of `s` is complete: queues it, unless it is being skipped. True
+/// if a message (or its decode error) was queued.
+fn finish_partial(s: &mut Stream, pins: &mut Vec<u32>) -> bool {
+    let p = *s.partial.take().expect("a partial message");
+    if p.discard {
+        return false;
+    }
+    s.buffered += MESSAGE_HEADER_LEN + p.body.len;
+    let item = complete(p.body.join(), p.payload_len, p.nrefs, p.fds).inspect_err(|_| {
+        s.buffered -= MESSAGE_HEADER_LEN + p.payload_len + p.nrefs * REF_LEN;
+    });
+    pin(pins, &item);
+    s.msgs.push_back(item);
+    true
 }
 
 fn complete(body: Bytes, payload_len: usize, nrefs: usize, fds: Vec<OwnedFd>) -> RecvItem {

@@ -6,7 +6,7 @@ use std::task::{Context, Poll, Waker};
 use bytes::{BufMut, BytesMut};
 use libchan_core::frame::{self, Frame, Hello, Reason, StreamKind};
 use libchan_core::message::{InMessage, OutMessage, OutRef, RefKind};
-use libchan_core::mux::{Mux, Role};
+use libchan_core::mux::{Mux, ReadTarget, Role};
 use libchan_core::{ErrorKind, Limits};
 
 fn cx() -> Context<'static> {
@@ -890,4 +890,201 @@ fn small_messages_queued_together_are_never_cut_inside_a_header() {
         }
         assert_eq!(got, N, "batches of {max} bytes");
     }
+}
+
+/// A receiving driver that reads where the mux says ([`Mux::next_read`]), in chunks of
+/// pseudo-random sizes, from `wire`. Returns the bytes that went straight into bodies.
+fn feed_directed(m: &mut Mux, wire: &mut BytesMut, buf: &mut BytesMut, seed: &mut u64) -> usize {
+    const CHUNKS: [usize; 7] = [1, 5, 9, 100, 4096, 65_536, 300_000];
+    let mut direct = 0;
+    loop {
+        *seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let chunk = CHUNKS[(*seed >> 33) as usize % CHUNKS.len()];
+        match m.next_read(buf) {
+            ReadTarget::Buffer(limit) => {
+                let k = chunk.min(limit.unwrap_or(usize::MAX)).min(wire.len());
+                if k == 0 {
+                    return direct;
+                }
+                buf.extend_from_slice(&wire.split_to(k));
+                m.handle_input(buf, &mut Vec::new()).expect("input");
+            }
+            ReadTarget::Body(mut region) => {
+                let room = region.capacity() - region.len();
+                assert!(room > 0, "a body target without room");
+                let k = chunk.min(room).min(wire.len());
+                region.extend_from_slice(&wire.split_to(k));
+                direct += k;
+                m.handle_body_input(region, buf, &mut Vec::new())
+                    .expect("body input");
+                if k == 0 {
+                    return direct;
+                }
+            }
+        }
+    }
+}
+
+fn pattern(stream: u32, i: usize, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|j| {
+            (j as u32)
+                .wrapping_mul(31)
+                .wrapping_add(stream * 7 + i as u32) as u8
+        })
+        .collect()
+}
+
+#[test]
+fn large_bodies_read_straight_into_place_arrive_intact() {
+    const SIZES: [usize; 6] = [100 * 1024, 10, 300 * 1024 + 7, 70_000, 5, 1 << 20];
+    for seed0 in 0..4u64 {
+        let mut p = Pair::new();
+        let s1 = p.a.open(StreamKind::OpenerSends).expect("open");
+        let s2 = p.a.open(StreamKind::OpenerSends).expect("open");
+        let mut sent = 0;
+        let (mut wire, mut buf, mut seed) = (BytesMut::new(), BytesMut::new(), seed0);
+        let (mut got1, mut got2, mut direct) = (0, 0, 0);
+        let (mut b1, mut b2) = (None, None);
+        let mut ended = false;
+        for _ in 0..100_000 {
+            // Keep a few messages queued on each stream.
+            while sent < 24 && p.a.stats().streams > 0 {
+                let (id, i) = if sent % 2 == 0 {
+                    (s1, sent / 2)
+                } else {
+                    (s2, sent / 2)
+                };
+                let len = SIZES[i % SIZES.len()];
+                p.a.send_message(id, message(&pattern(id, i, len)))
+                    .expect("send");
+                sent += 1;
+                if sent == 24 {
+                    p.a.finish(s1);
+                    p.a.finish(s2);
+                }
+            }
+            p.a.poll_transmit(&mut wire, &mut Vec::new(), 1 << 20);
+            direct += feed_directed(&mut p.b, &mut wire, &mut buf, &mut seed);
+            let mut back = BytesMut::new();
+            p.b.poll_transmit(&mut back, &mut Vec::new(), 1 << 20);
+            p.a.handle_input(&mut back, &mut Vec::new())
+                .expect("credit");
+            while let Poll::Ready(Ok(Some(id))) = p.b.poll_accept(&mut cx()) {
+                if b1.is_none() {
+                    b1 = Some(id);
+                } else {
+                    b2 = Some(id);
+                }
+            }
+            for (bid, got, sid) in [(b1, &mut got1, s1), (b2, &mut got2, s2)] {
+                let Some(bid) = bid else { continue };
+                loop {
+                    match recv(&mut p.b, bid) {
+                        Poll::Ready(Ok(Some(m))) => {
+                            let len = SIZES[*got % SIZES.len()];
+                            assert!(
+                                m.payload[..] == pattern(sid, *got, len)[..],
+                                "stream {sid} message {got} (seed {seed0})"
+                            );
+                            *got += 1;
+                        }
+                        Poll::Ready(Ok(None)) => {
+                            if bid == b2.unwrap_or(0) {
+                                ended = true;
+                            }
+                            break;
+                        }
+                        Poll::Ready(Err(e)) => panic!("stream {sid}: {e}"),
+                        Poll::Pending => break,
+                    }
+                }
+            }
+            if got1 == 12 && got2 == 12 && ended {
+                break;
+            }
+        }
+        assert_eq!((got1, got2), (12, 12), "seed {seed0}");
+        assert!(ended, "the end after a large body arrives");
+        let large: usize = (0..24)
+            .map(|i| SIZES[(i / 2) % SIZES.len()])
+            .filter(|&n| n >= 65_536)
+            .sum();
+        assert!(
+            direct >= large / 2,
+            "only {direct} of {large} bytes of large bodies were read straight into them"
+        );
+        assert_eq!(p.b.held(), 0);
+    }
+}
+
+#[test]
+fn a_stream_released_during_a_direct_read_drops_its_bytes_and_the_session_goes_on() {
+    let mut p = Pair::new();
+    let s1 = p.a.open(StreamKind::OpenerSends).expect("open");
+    p.a.send_message(s1, message(&pattern(s1, 0, 1 << 20)))
+        .expect("send");
+    let mut wire = BytesMut::new();
+    p.a.poll_transmit(&mut wire, &mut Vec::new(), 1 << 20);
+    let mut buf = BytesMut::new();
+    // Header and the first part through the buffer, then a direct read in progress.
+    let mut target = p.b.next_read(&mut buf);
+    let mut guard = 0;
+    let region = loop {
+        guard += 1;
+        assert!(guard < 100, "no direct read offered");
+        match target {
+            ReadTarget::Buffer(limit) => {
+                let k = limit.unwrap_or(20_000).min(wire.len());
+                buf.extend_from_slice(&wire.split_to(k));
+                p.b.handle_input(&mut buf, &mut Vec::new()).expect("input");
+            }
+            ReadTarget::Body(region) => break region,
+        }
+        target = p.b.next_read(&mut buf);
+    };
+    let bid = accept(&mut p.b);
+    p.b.release(bid);
+    let mut region = region;
+    let k = 1000.min(region.capacity() - region.len());
+    region.extend_from_slice(&wire.split_to(k));
+    p.b.handle_body_input(region, &mut buf, &mut Vec::new())
+        .expect("body input");
+    // The rest of the released stream's bytes, then a new stream that works.
+    let mut seed = 7;
+    feed_directed(&mut p.b, &mut wire, &mut buf, &mut seed);
+    let s3 = p.a.open(StreamKind::OpenerSends).expect("open");
+    p.a.send_message(s3, message(&pattern(s3, 1, 200_000)))
+        .expect("send");
+    for _ in 0..1000 {
+        p.a.poll_transmit(&mut wire, &mut Vec::new(), 1 << 20);
+        feed_directed(&mut p.b, &mut wire, &mut buf, &mut seed);
+        let mut back = BytesMut::new();
+        p.b.poll_transmit(&mut back, &mut Vec::new(), 1 << 20);
+        p.a.handle_input(&mut back, &mut Vec::new())
+            .expect("credit");
+        if let Poll::Ready(Ok(Some(id))) = p.b.poll_accept(&mut cx()) {
+            loop {
+                match recv(&mut p.b, id) {
+                    Poll::Ready(Ok(Some(m))) => {
+                        assert!(m.payload[..] == pattern(s3, 1, 200_000)[..]);
+                        assert!(p.b.lost().is_none());
+                        return;
+                    }
+                    Poll::Pending => {
+                        p.a.poll_transmit(&mut wire, &mut Vec::new(), 1 << 20);
+                        feed_directed(&mut p.b, &mut wire, &mut buf, &mut seed);
+                        let mut back = BytesMut::new();
+                        p.b.poll_transmit(&mut back, &mut Vec::new(), 1 << 20);
+                        p.a.handle_input(&mut back, &mut Vec::new())
+                            .expect("credit");
+                    }
+                    other => panic!("{other:?}"),
+                }
+            }
+        }
+    }
+    panic!("the new stream's message never arrived");
 }

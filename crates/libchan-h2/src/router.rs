@@ -665,6 +665,7 @@ impl Link for H2Link {
             Box::new(H2Read {
                 router: self.0.clone(),
                 rx,
+                pending: Bytes::new(),
             }),
             Box::new(H2Write { router: self.0 }),
         )
@@ -674,6 +675,8 @@ impl Link for H2Link {
 struct H2Read {
     router: Arc<Router>,
     rx: Option<mpsc::Receiver<InItem>>,
+    /// The part of a received chunk that did not fit the last read's room.
+    pending: Bytes,
 }
 
 impl Drop for H2Read {
@@ -692,8 +695,19 @@ impl LinkRead for H2Read {
         let Some(rx) = self.rx.as_mut() else {
             return Poll::Ready(Err(io::Error::other("link already split")));
         };
+        // Never more than the room the caller gave (it may be a message body's exact
+        // remainder); what does not fit waits for the next read.
+        let room = (buf.capacity() - buf.len()).max(1);
         let mut n = 0;
+        if !self.pending.is_empty() {
+            let k = room.min(self.pending.len());
+            buf.extend_from_slice(&self.pending.split_to(k));
+            n += k;
+        }
         loop {
+            if n >= room || !self.pending.is_empty() {
+                return Poll::Ready(Ok(n));
+            }
             let item = match rx.poll_recv(cx) {
                 Poll::Ready(item) => item,
                 Poll::Pending if n > 0 => return Poll::Ready(Ok(n)),
@@ -709,9 +723,11 @@ impl LinkRead for H2Read {
                     // End of the control stream.
                     return Poll::Ready(Ok(n));
                 }
-                Some(Ok(b)) => {
-                    buf.extend_from_slice(&b);
-                    n += b.len();
+                Some(Ok(mut b)) => {
+                    let k = (room - n).min(b.len());
+                    buf.extend_from_slice(&b.split_to(k));
+                    n += k;
+                    self.pending = b;
                     if n >= READ_BATCH {
                         return Poll::Ready(Ok(n));
                     }

@@ -102,7 +102,10 @@ where
     fn split(self: Box<Self>) -> (Box<dyn LinkRead>, Box<dyn LinkWrite>) {
         let (sink, stream) = self.ws.split();
         (
-            Box::new(WsRead { stream }),
+            Box::new(WsRead {
+                stream,
+                pending: Bytes::new(),
+            }),
             Box::new(WsWrite {
                 sink,
                 in_flight: None,
@@ -113,6 +116,8 @@ where
 
 struct WsRead<S> {
     stream: SplitStream<WebSocketStream<S>>,
+    /// The part of a WebSocket message that did not fit the last read's room.
+    pending: Bytes,
 }
 
 impl<S> LinkRead for WsRead<S>
@@ -125,6 +130,9 @@ where
         buf: &mut BytesMut,
         _fds: &mut Vec<OwnedFd>,
     ) -> Poll<io::Result<usize>> {
+        if !self.pending.is_empty() {
+            return Poll::Ready(Ok(take_into(&mut self.pending, buf)));
+        }
         loop {
             match Pin::new(&mut self.stream).poll_next(cx) {
                 Poll::Pending => return Poll::Pending,
@@ -135,8 +143,8 @@ where
                     if b.is_empty() {
                         continue;
                     }
-                    buf.extend_from_slice(&b);
-                    return Poll::Ready(Ok(b.len()));
+                    self.pending = b;
+                    return Poll::Ready(Ok(take_into(&mut self.pending, buf)));
                 }
                 Poll::Ready(Some(Ok(Message::Text(_)))) => {
                     return Poll::Ready(Err(io::Error::new(
@@ -152,6 +160,14 @@ where
             }
         }
     }
+}
+
+/// Moves as much of `from` as fits in the spare capacity of `buf` (at least one byte).
+fn take_into(from: &mut Bytes, buf: &mut BytesMut) -> usize {
+    let room = (buf.capacity() - buf.len()).max(1);
+    let n = room.min(from.len());
+    buf.extend_from_slice(&from.split_to(n));
+    n
 }
 
 struct WsWrite<S> {
