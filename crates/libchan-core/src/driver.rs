@@ -27,7 +27,7 @@ use tokio::task::JoinHandle;
 use crate::config::Config;
 use crate::conn::{Connection, ConnectionStats, PeerIdentity};
 use crate::error::{Error, ErrorKind};
-use crate::frame::{Reason, StreamKind};
+use crate::frame::{self, Reason, StreamKind};
 use crate::message::{InMessage, OutMessage, WireRef};
 use crate::mux::{Batch, Mux, ReadTarget, Role};
 
@@ -65,6 +65,22 @@ pub trait LinkRead: Send + 'static {
         buf: &mut BytesMut,
         fds: &mut Vec<OwnedFd>,
     ) -> Poll<io::Result<usize>>;
+
+    /// Reads into the spare capacity of `first` and, once that is full, of `then`, in
+    /// one call where the link can (the unix link: one `recvmsg` with two buffers);
+    /// returns the bytes read in all. The driver uses it to read the rest of a large
+    /// message body's frame and the next frame header together. The default reads into
+    /// `first` only.
+    fn poll_read_fds_then(
+        &mut self,
+        cx: &mut Context<'_>,
+        first: &mut BytesMut,
+        then: &mut BytesMut,
+        fds: &mut Vec<OwnedFd>,
+    ) -> Poll<io::Result<usize>> {
+        let _ = then;
+        self.poll_read_fds(cx, first, fds)
+    }
 }
 
 /// The write half of a [`Link`].
@@ -418,7 +434,15 @@ async fn read_loop(shared: Arc<Shared>, mut r: Box<dyn LinkRead>) {
                 })
             }
             ReadTarget::Body(mut body) => {
-                let res = poll_fn(|cx| r.poll_read_fds(cx, &mut body, &mut fds)).await;
+                // The body's part of the frame, then (if the link reads into two buffers
+                // at once) the next frame header.
+                if buf.capacity() - buf.len() < frame::HEADER_LEN {
+                    buf.reserve(READ_CHUNK);
+                }
+                let spare = buf.split_off(buf.len() + frame::HEADER_LEN);
+                let res =
+                    poll_fn(|cx| r.poll_read_fds_then(cx, &mut body, &mut buf, &mut fds)).await;
+                buf.unsplit(spare);
                 shared.with(|m| {
                     let handled = m.handle_body_input(body, &mut buf, &mut fds);
                     let stop = match res {

@@ -168,9 +168,6 @@ pub const RECV_BATCH: usize = 32;
 /// message that reaches this).
 pub const RECV_BATCH_BYTES: usize = 16 * 1024;
 
-/// Message bodies at least this large get their final buffer when their header arrives,
-/// and the driver reads their DATA straight into it ([`Mux::next_read`]).
-const DIRECT_MIN_BODY: usize = 64 * 1024;
 /// Fewest body bytes of one DATA frame worth a read of their own into the body.
 const DIRECT_MIN_READ: usize = 4096;
 
@@ -2322,7 +2319,12 @@ impl Mux {
                 }
                 debug_assert!(!discarding);
                 s.partial = Some(Box::new(Partial {
-                    body: Body::with_len(body_len, &self.reserved, self.budget.max),
+                    body: Body::with_len(
+                        body_len,
+                        self.local.max_frame_size as usize,
+                        &self.reserved,
+                        self.budget.max,
+                    ),
                     need: body_len,
                     payload_len,
                     nrefs,
@@ -2546,7 +2548,8 @@ fn unpin(piece: Bytes) -> Bytes {
 /// (each stays a slice of its read buffer) and joined once, at its exact size, when
 /// complete: growing one buffer would copy the body again at every doubling.
 ///
-/// A large body (at least [`DIRECT_MIN_BODY`]) instead gets its final buffer at once
+/// A large body (at least our `max_frame_size`, so it spans frames) instead gets its
+/// final buffer at once
 /// (`dest`): what arrives through the read buffer is copied into it, and the rest the
 /// driver reads straight into it ([`Mux::next_read`]), so that most of its bytes are
 /// copied once, by the kernel.
@@ -2576,9 +2579,10 @@ impl Drop for Reserved {
 }
 
 impl Body {
-    /// A body of `len` bytes that gets its buffer at once, if the reserve allows.
-    fn with_len(len: usize, total: &Arc<AtomicUsize>, max: usize) -> Body {
-        if len < DIRECT_MIN_BODY {
+    /// A body of `len` bytes that gets its buffer at once if it is at least `min` bytes
+    /// and the reserve (`total`, at most `max`) allows.
+    fn with_len(len: usize, min: usize, total: &Arc<AtomicUsize>, max: usize) -> Body {
+        if len < min {
             return Body::default();
         }
         let now = total.fetch_add(len, Ordering::Relaxed);

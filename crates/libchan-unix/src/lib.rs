@@ -176,6 +176,28 @@ impl LinkRead for UnixRead {
         buf: &mut BytesMut,
         fds: &mut Vec<OwnedFd>,
     ) -> Poll<io::Result<usize>> {
+        self.poll_read(cx, buf, None, fds)
+    }
+
+    fn poll_read_fds_then(
+        &mut self,
+        cx: &mut Context<'_>,
+        first: &mut BytesMut,
+        then: &mut BytesMut,
+        fds: &mut Vec<OwnedFd>,
+    ) -> Poll<io::Result<usize>> {
+        self.poll_read(cx, first, Some(then), fds)
+    }
+}
+
+impl UnixRead {
+    fn poll_read(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut BytesMut,
+        mut then: Option<&mut BytesMut>,
+        fds: &mut Vec<OwnedFd>,
+    ) -> Poll<io::Result<usize>> {
         let sock: &UnixStream = self.half.as_ref();
         let cmsg = &mut self.cmsg;
         loop {
@@ -193,11 +215,12 @@ impl LinkRead for UnixRead {
             // read to tokio as `WouldBlock` clears the readiness it saw (and only that: a
             // segment arriving later sets it again), which saves the read that would only
             // say EAGAIN — one `recvmsg` of every two on a request/response link.
-            let room = buf.capacity() - buf.len();
+            let room =
+                buf.capacity() - buf.len() + then.as_ref().map_or(0, |t| t.capacity() - t.len());
             let before = fds.len();
             let mut done = None;
             let res = sock.try_io(Interest::READABLE, || {
-                let n = recv_with_fds(fd, buf, fds, cmsg)?;
+                let n = recv_with_fds(fd, buf, then.as_deref_mut(), fds, cmsg)?;
                 if n > 0 && n < room && fds.len() == before {
                     done = Some(n);
                     return Err(io::ErrorKind::WouldBlock.into());
@@ -215,35 +238,54 @@ impl LinkRead for UnixRead {
     }
 }
 
+/// The spare capacity of `buf` as a byte slice for the kernel to fill.
+fn spare_bytes(buf: &mut BytesMut) -> &mut [u8] {
+    let spare = buf.spare_capacity_mut();
+    // SAFETY: recvmsg only writes into the buffer; we only expose the bytes it reports as
+    // written (via set_len in `recv_with_fds`).
+    unsafe { std::slice::from_raw_parts_mut(spare.as_mut_ptr().cast::<u8>(), spare.len()) }
+}
+
+/// One `recvmsg` into the spare capacity of `buf`, then of `then` (if any).
 fn recv_with_fds(
     fd: RawFd,
     buf: &mut BytesMut,
+    mut then: Option<&mut BytesMut>,
     fds: &mut Vec<OwnedFd>,
     cmsg: &mut [u8],
 ) -> io::Result<usize> {
-    let spare = buf.spare_capacity_mut();
-    // SAFETY: recvmsg only writes into the buffer; we only expose the bytes it reports as
-    // written (via set_len below).
-    let dst =
-        unsafe { std::slice::from_raw_parts_mut(spare.as_mut_ptr().cast::<u8>(), spare.len()) };
-    let mut iov = [IoSliceMut::new(dst)];
-    let msg = socket::recvmsg::<()>(
-        fd,
-        &mut iov,
-        Some(cmsg),
-        MsgFlags::MSG_CMSG_CLOEXEC | MsgFlags::MSG_DONTWAIT,
-    )
-    .map_err(io::Error::from)?;
-    let n = msg.bytes;
-    let truncated = msg.flags.contains(MsgFlags::MSG_CTRUNC);
-    for c in msg.cmsgs().map_err(io::Error::from)? {
-        if let ControlMessageOwned::ScmRights(raw) = c {
-            for r in raw {
-                // SAFETY: the kernel just installed `r` in our table for us; we own it.
-                fds.push(unsafe { OwnedFd::from_raw_fd(r) });
+    let room = buf.capacity() - buf.len();
+    let (n, truncated) = {
+        let first = spare_bytes(buf);
+        let mut two;
+        let mut one;
+        let iov: &mut [IoSliceMut<'_>] = match then.as_deref_mut() {
+            Some(t) => {
+                two = [IoSliceMut::new(first), IoSliceMut::new(spare_bytes(t))];
+                &mut two
+            }
+            None => {
+                one = [IoSliceMut::new(first)];
+                &mut one
+            }
+        };
+        let msg = socket::recvmsg::<()>(
+            fd,
+            iov,
+            Some(cmsg),
+            MsgFlags::MSG_CMSG_CLOEXEC | MsgFlags::MSG_DONTWAIT,
+        )
+        .map_err(io::Error::from)?;
+        for c in msg.cmsgs().map_err(io::Error::from)? {
+            if let ControlMessageOwned::ScmRights(raw) = c {
+                for r in raw {
+                    // SAFETY: the kernel just installed `r` in our table for us; we own it.
+                    fds.push(unsafe { OwnedFd::from_raw_fd(r) });
+                }
             }
         }
-    }
+        (msg.bytes, msg.flags.contains(MsgFlags::MSG_CTRUNC))
+    };
     if truncated {
         fds.clear();
         return Err(io::Error::new(
@@ -251,8 +293,12 @@ fn recv_with_fds(
             "descriptors were truncated (more than SCM_MAX_FD in one read)",
         ));
     }
-    // SAFETY: recvmsg initialized the first `n` bytes of the spare capacity.
-    unsafe { buf.set_len(buf.len() + n) };
+    // SAFETY: recvmsg initialized the first `n` bytes of the spare capacities, in order.
+    unsafe { buf.set_len(buf.len() + n.min(room)) };
+    if let Some(t) = then {
+        // SAFETY: as above; the kernel fills `then` only after `buf` is full.
+        unsafe { t.set_len(t.len() + (n - n.min(room))) };
+    }
     Ok(n)
 }
 
@@ -366,6 +412,41 @@ mod tests {
             assert_eq!(&buf[..], &[round; 5][..]);
             late.await.unwrap();
         }
+    }
+
+    /// One read into two buffers fills the first one's room, then the second's, and
+    /// brings the descriptors that came with the bytes.
+    #[tokio::test]
+    async fn a_read_into_two_buffers_fills_them_in_order() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let (mut r, _w) = Box::new(UnixLink(b)).split();
+        let (_ra, wa) = a.into_split();
+        let raw = wa.as_ref().as_raw_fd();
+        let file = std::fs::File::open("/dev/null").unwrap();
+        let data: Vec<u8> = (0..40u8).collect();
+        send_with_fds(raw, &[IoSlice::new(&data)], &[file.as_raw_fd()]).unwrap();
+        // Room for 25 bytes in the first buffer (as the driver limits a body's part).
+        let mut first = BytesMut::with_capacity(64);
+        let rest = first.split_off(25);
+        let mut then = BytesMut::with_capacity(9);
+        let mut fds = Vec::new();
+        let n = tokio::time::timeout(
+            Duration::from_secs(10),
+            poll_fn(|cx| r.poll_read_fds_then(cx, &mut first, &mut then, &mut fds)),
+        )
+        .await
+        .expect("the queued bytes were not read")
+        .unwrap();
+        assert_eq!(n, 34);
+        assert_eq!(&first[..], &data[..25]);
+        assert_eq!(&then[..], &data[25..34]);
+        assert_eq!(fds.len(), 1);
+        drop(rest);
+        // The rest is still there for the next read.
+        let (buf, _) = tokio::time::timeout(Duration::from_secs(10), read_all(&mut *r, 6))
+            .await
+            .expect("the rest was not read");
+        assert_eq!(&buf[..], &data[34..]);
     }
 
     /// Starting a link raises the socket's send buffer to `SEND_BUFFER` (as far as
