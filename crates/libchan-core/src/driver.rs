@@ -397,7 +397,32 @@ impl Drop for MuxConnection {
     }
 }
 
+/// Fails the connection if the task that holds it panics (a bug, or a link that panics):
+/// every waiting end then gets an error instead of waiting forever.
+struct FailOnPanic {
+    shared: Arc<Shared>,
+    task: &'static str,
+}
+
+impl Drop for FailOnPanic {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let task = self.task;
+            self.shared.with(|m| {
+                m.fail(Error::lost(format!(
+                    "the connection's {task} task panicked"
+                )))
+            });
+            self.shared.notify.notify_one();
+        }
+    }
+}
+
 async fn read_loop(shared: Arc<Shared>, mut r: Box<dyn LinkRead>) {
+    let _guard = FailOnPanic {
+        shared: shared.clone(),
+        task: "reader",
+    };
     let mut buf = BytesMut::with_capacity(READ_CHUNK);
     let mut fds = Vec::new();
     let mut target = ReadTarget::Buffer(None);
@@ -473,6 +498,10 @@ fn read_failed(e: io::Error) -> Error {
 }
 
 async fn write_loop(shared: Arc<Shared>, mut w: Box<dyn LinkWrite>) {
+    let _guard = FailOnPanic {
+        shared: shared.clone(),
+        task: "writer",
+    };
     let mut batch = if w.is_write_vectored() {
         Batch::new(WRITE_BATCH + 64 * 1024)
     } else {

@@ -216,3 +216,74 @@ async fn duplex_pair(config: Config) -> (Session, Session) {
     );
     (a.expect("dialer"), b.expect("listener"))
 }
+
+/// A link whose reader panics at its `n`th read (after the handshake).
+struct PanickingLink {
+    io: tokio::io::DuplexStream,
+    panic_at: usize,
+}
+
+struct PanickingRead {
+    inner: Box<dyn libchan_core::driver::LinkRead>,
+    reads: usize,
+    panic_at: usize,
+}
+
+impl libchan_core::driver::LinkRead for PanickingRead {
+    fn poll_read_fds(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut bytes::BytesMut,
+        fds: &mut Vec<std::os::fd::OwnedFd>,
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let r = self.inner.poll_read_fds(cx, buf, fds);
+        if r.is_ready() {
+            self.reads += 1;
+            assert!(self.reads < self.panic_at, "a link that panics (test)");
+        }
+        r
+    }
+}
+
+impl libchan_core::driver::Link for PanickingLink {
+    fn split(
+        self: Box<Self>,
+    ) -> (
+        Box<dyn libchan_core::driver::LinkRead>,
+        Box<dyn libchan_core::driver::LinkWrite>,
+    ) {
+        let (r, w) = Box::new(libchan_core::driver::IoLink::new(self.io)).split();
+        (
+            Box::new(PanickingRead {
+                inner: r,
+                reads: 0,
+                panic_at: self.panic_at,
+            }),
+            w,
+        )
+    }
+}
+
+#[tokio::test]
+async fn a_panicking_reader_fails_the_session_instead_of_hanging_it() {
+    use libchan_core::driver::IoLink;
+    use libchan_core::mux::Role;
+    use libchan_core::ErrorKind;
+    let config = Config::new(libchan_codec_cbor::Cbor);
+    let (x, y) = tokio::io::duplex(1 << 16);
+    // HELLO is the first read; the panic comes with the next one (the OPEN).
+    let link = PanickingLink { io: y, panic_at: 2 };
+    let (a, b) = tokio::join!(
+        Session::over_link(IoLink::new(x), Role::Dialer, &config),
+        Session::over_link(link, Role::Listener, &config)
+    );
+    let (a, b) = (a.expect("dialer"), b.expect("listener"));
+    let _tx = a.open::<u32>().await.expect("open");
+    let guard = std::time::Duration::from_secs(10);
+    let accepted = tokio::time::timeout(guard, b.accept::<u32>())
+        .await
+        .expect("accept waited forever after the reader panicked");
+    let err = accepted.expect_err("no channel can arrive through a panicked reader");
+    assert_eq!(err.kind(), ErrorKind::ConnectionLost, "{err}");
+    assert!(err.to_string().contains("reader task panicked"), "{err}");
+}
