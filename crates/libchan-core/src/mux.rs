@@ -1801,11 +1801,7 @@ impl Mux {
                 // The frame's remainder: a frame of its own, in front of what follows.
                 prepend_data_header(buf, id, rest, fin);
             } else {
-                self.expect_header = self.streams.get(&id).is_some_and(|s| {
-                    s.partial
-                        .as_ref()
-                        .is_some_and(|p| p.body.dest.is_some() && p.need >= DIRECT_MIN_READ)
-                });
+                self.expect_header = self.streams.get(&id).is_some_and(body_continues);
             }
         }
         if let Some(extra) = extra {
@@ -1819,7 +1815,6 @@ impl Mux {
 
     /// `n` bytes of stream `id`'s partial message arrived straight in its body buffer.
     fn body_arrived(&mut self, id: u32, n: usize) {
-        let window = self.local.initial_window;
         let mut pins: Vec<u32> = Vec::new();
         let Some(s) = self.streams.get_mut(&id) else {
             return;
@@ -1835,11 +1830,21 @@ impl Mux {
         p.need = p.need.saturating_sub(n);
         p.counted += n;
         let woke = p.need == 0 && finish_partial(s, &mut pins);
-        let exempt = self.budget.exempt(id, s, n);
-        Self::grant(&mut self.ctrl, &mut self.flush, id, s, window, exempt);
-        if woke {
-            let w = s.rx_waker.take();
-            self.wake(w);
+        self.settle_rx(id, n, woke, pins);
+    }
+
+    /// After `extra` bytes arrived on stream `id`: grants credit as the receive policy
+    /// allows, wakes the receiver if a message was queued (`woke`), and pins the local
+    /// Sender streams that queued messages send back (`pins`).
+    fn settle_rx(&mut self, id: u32, extra: usize, woke: bool, pins: Vec<u32>) {
+        let window = self.local.initial_window;
+        if let Some(s) = self.streams.get_mut(&id) {
+            let exempt = self.budget.exempt(id, s, extra);
+            Self::grant(&mut self.ctrl, &mut self.flush, id, s, window, exempt);
+            if woke {
+                let w = s.rx_waker.take();
+                self.wake(w);
+            }
         }
         for p in pins {
             if self.role.owns(p) {
@@ -2184,7 +2189,6 @@ impl Mux {
 
     fn handle_data(&mut self, id: u32, fin: bool, mut payload: Bytes) -> Result<(), Error> {
         self.known(id, "DATA")?;
-        let window = self.local.initial_window;
         let max_msg = self.local.max_message_size as usize;
         let max_refs = usize::from(self.local.max_refs_per_message);
         let max_fds = usize::from(self.local.max_fds_per_message);
@@ -2335,25 +2339,10 @@ impl Mux {
             }
         }
         // A large body continues: its next frame may go straight into it.
-        self.expect_header = s
-            .partial
-            .as_ref()
-            .is_some_and(|p| p.body.dest.is_some() && p.need >= DIRECT_MIN_READ);
+        self.expect_header = body_continues(s);
         // The session total is settled by `handle_frame` after this frame; judge the
         // exemption on what it was before plus this frame.
-        let exempt = self.budget.exempt(id, s, len);
-        Self::grant(&mut self.ctrl, &mut self.flush, id, s, window, exempt);
-        if woke {
-            let w = s.rx_waker.take();
-            self.wake(w);
-        }
-        for p in pins {
-            if self.role.owns(p) {
-                if let Some(t) = self.streams.get_mut(&p) {
-                    t.pins += 1;
-                }
-            }
-        }
+        self.settle_rx(id, len, woke, pins);
         if fin {
             self.end_rx(id, RxState::Fin)?;
         }
@@ -2633,6 +2622,14 @@ impl Body {
         }
         body.freeze()
     }
+}
+
+/// True if `s` is receiving a large body (one with its buffer allocated ahead) that
+/// still needs enough bytes for a direct read ([`DIRECT_MIN_READ`]).
+fn body_continues(s: &Stream) -> bool {
+    s.partial
+        .as_ref()
+        .is_some_and(|p| p.body.dest.is_some() && p.need >= DIRECT_MIN_READ)
 }
 
 /// Puts a DATA frame header in front of the input in `buf` (empty, normally: input is

@@ -1058,32 +1058,32 @@ fn a_stream_released_during_a_direct_read_drops_its_bytes_and_the_session_goes_o
     let s3 = p.a.open(StreamKind::OpenerSends).expect("open");
     p.a.send_message(s3, message(&pattern(s3, 1, 200_000)))
         .expect("send");
-    for _ in 0..1000 {
-        p.a.poll_transmit(&mut wire, &mut Vec::new(), 1 << 20);
-        feed_directed(&mut p.b, &mut wire, &mut buf, &mut seed);
+    // One step of both directions: data to b (read where it says), credit back to a.
+    let step = |p: &mut Pair, wire: &mut BytesMut, buf: &mut BytesMut, seed: &mut u64| {
+        p.a.poll_transmit(wire, &mut Vec::new(), 1 << 20);
+        feed_directed(&mut p.b, wire, buf, seed);
         let mut back = BytesMut::new();
         p.b.poll_transmit(&mut back, &mut Vec::new(), 1 << 20);
         p.a.handle_input(&mut back, &mut Vec::new())
             .expect("credit");
-        if let Poll::Ready(Ok(Some(id))) = p.b.poll_accept(&mut cx()) {
-            loop {
-                match recv(&mut p.b, id) {
-                    Poll::Ready(Ok(Some(m))) => {
-                        assert!(m.payload[..] == pattern(s3, 1, 200_000)[..]);
-                        assert!(p.b.lost().is_none());
-                        return;
-                    }
-                    Poll::Pending => {
-                        p.a.poll_transmit(&mut wire, &mut Vec::new(), 1 << 20);
-                        feed_directed(&mut p.b, &mut wire, &mut buf, &mut seed);
-                        let mut back = BytesMut::new();
-                        p.b.poll_transmit(&mut back, &mut Vec::new(), 1 << 20);
-                        p.a.handle_input(&mut back, &mut Vec::new())
-                            .expect("credit");
-                    }
-                    other => panic!("{other:?}"),
-                }
+    };
+    let mut accepted = None;
+    for _ in 0..1000 {
+        step(&mut p, &mut wire, &mut buf, &mut seed);
+        if accepted.is_none() {
+            if let Poll::Ready(Ok(Some(id))) = p.b.poll_accept(&mut cx()) {
+                accepted = Some(id);
             }
+        }
+        let Some(id) = accepted else { continue };
+        match recv(&mut p.b, id) {
+            Poll::Ready(Ok(Some(m))) => {
+                assert!(m.payload[..] == pattern(s3, 1, 200_000)[..]);
+                assert!(p.b.lost().is_none());
+                return;
+            }
+            Poll::Pending => {}
+            other => panic!("{other:?}"),
         }
     }
     panic!("the new stream's message never arrived");
