@@ -1918,6 +1918,20 @@ impl Mux {
         let Some(d) = self.direct.take() else {
             return;
         };
+        if let Some((mut head, after)) = d.parts {
+            // Part of the frame is in the body already: put the body back together.
+            if let Some(region) = d.region {
+                head.unsplit(region);
+            }
+            head.unsplit(after);
+            if let Some(p) = self
+                .streams
+                .get_mut(&d.stream)
+                .and_then(|s| s.partial.as_mut())
+            {
+                p.body.dest = Some(head);
+            }
+        }
         prepend_data_header(buf, d.stream, d.left + d.rest, d.fin);
     }
 

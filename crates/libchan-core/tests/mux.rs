@@ -1088,3 +1088,54 @@ fn a_stream_released_during_a_direct_read_drops_its_bytes_and_the_session_goes_o
     }
     panic!("the new stream's message never arrived");
 }
+
+#[test]
+fn a_driver_that_stops_reading_into_the_body_still_gets_every_byte() {
+    let mut p = Pair::new();
+    let s1 = p.a.open(StreamKind::OpenerSends).expect("open");
+    p.a.send_message(s1, message(&pattern(s1, 0, 300_000)))
+        .expect("send");
+    let mut wire = BytesMut::new();
+    p.a.poll_transmit(&mut wire, &mut Vec::new(), 1 << 20);
+    let mut buf = BytesMut::new();
+    // As told until part of a body was read straight into it...
+    let mut guard = 0;
+    loop {
+        guard += 1;
+        assert!(guard < 100, "no direct read offered");
+        match p.b.next_read(&mut buf) {
+            ReadTarget::Buffer(limit) => {
+                let k = limit.unwrap_or(20_000).min(wire.len());
+                buf.extend_from_slice(&wire.split_to(k));
+                p.b.handle_input(&mut buf, &mut Vec::new()).expect("input");
+            }
+            ReadTarget::Body(mut region) => {
+                region.extend_from_slice(&wire.split_to(1000));
+                p.b.handle_body_input(region, &mut buf, &mut Vec::new())
+                    .expect("body input");
+                break;
+            }
+        }
+    }
+    // ...then everything through the read buffer, never asking again.
+    let bid = accept(&mut p.b);
+    for _ in 0..1000 {
+        p.a.poll_transmit(&mut wire, &mut Vec::new(), 1 << 20);
+        buf.extend_from_slice(&wire.split());
+        p.b.handle_input(&mut buf, &mut Vec::new()).expect("input");
+        let mut back = BytesMut::new();
+        p.b.poll_transmit(&mut back, &mut Vec::new(), 1 << 20);
+        p.a.handle_input(&mut back, &mut Vec::new())
+            .expect("credit");
+        match recv(&mut p.b, bid) {
+            Poll::Ready(Ok(Some(m))) => {
+                assert_eq!(m.payload.len(), 300_000);
+                assert!(m.payload[..] == pattern(s1, 0, 300_000)[..]);
+                return;
+            }
+            Poll::Pending => {}
+            other => panic!("{other:?}"),
+        }
+    }
+    panic!("the message never arrived");
+}
