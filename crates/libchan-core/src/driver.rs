@@ -427,64 +427,51 @@ async fn read_loop(shared: Arc<Shared>, mut r: Box<dyn LinkRead>) {
     let mut fds = Vec::new();
     let mut target = ReadTarget::Buffer(None);
     loop {
-        let (stop, next) = match target {
-            ReadTarget::Buffer(limit) => {
-                if buf.capacity() - buf.len() < READ_CHUNK / 4 {
-                    buf.reserve(READ_CHUNK);
-                }
-                let res = match limit {
-                    Some(k) => {
-                        // Room for `k` bytes only (a frame header): what follows may go
-                        // straight into a message body.
-                        let spare = buf.split_off(buf.len() + k);
-                        let res = poll_fn(|cx| r.poll_read_fds(cx, &mut buf, &mut fds)).await;
-                        buf.unsplit(spare);
-                        res
-                    }
-                    None => poll_fn(|cx| r.poll_read_fds(cx, &mut buf, &mut fds)).await,
-                };
-                shared.with(|m| {
-                    let stop = match res {
-                        Ok(0) => {
-                            m.handle_eof();
-                            true
-                        }
-                        Ok(_) => m.handle_input(&mut buf, &mut fds).is_err() || m.lost().is_some(),
-                        Err(e) => {
-                            m.fail(read_failed(e));
-                            true
-                        }
-                    };
-                    (stop, m.next_read(&mut buf))
-                })
-            }
+        if buf.capacity() - buf.len() < READ_CHUNK / 4 {
+            buf.reserve(READ_CHUNK);
+        }
+        // Room in the read buffer: all of it, or a frame header only (after a body's part,
+        // or when a large body's next frame may follow: its payload can go straight into
+        // the body).
+        let limit = match &target {
+            ReadTarget::Buffer(limit) => *limit,
+            ReadTarget::Body(_) => Some(frame::HEADER_LEN),
+        };
+        let spare = limit.map(|k| buf.split_off(buf.len() + k));
+        let (res, body) = match target {
+            ReadTarget::Buffer(_) => (
+                poll_fn(|cx| r.poll_read_fds(cx, &mut buf, &mut fds)).await,
+                None,
+            ),
             ReadTarget::Body(mut body) => {
-                // The body's part of the frame, then (if the link reads into two buffers
-                // at once) the next frame header.
-                if buf.capacity() - buf.len() < frame::HEADER_LEN {
-                    buf.reserve(READ_CHUNK);
-                }
-                let spare = buf.split_off(buf.len() + frame::HEADER_LEN);
                 let res =
                     poll_fn(|cx| r.poll_read_fds_then(cx, &mut body, &mut buf, &mut fds)).await;
-                buf.unsplit(spare);
-                shared.with(|m| {
-                    let handled = m.handle_body_input(body, &mut buf, &mut fds);
-                    let stop = match res {
-                        Ok(0) => {
-                            m.handle_eof();
-                            true
-                        }
-                        Ok(_) => handled.is_err() || m.lost().is_some(),
-                        Err(e) => {
-                            m.fail(read_failed(e));
-                            true
-                        }
-                    };
-                    (stop, m.next_read(&mut buf))
-                })
+                (res, Some(body))
             }
         };
+        if let Some(spare) = spare {
+            buf.unsplit(spare);
+        }
+        let (stop, next) = shared.with(|m| {
+            // A body goes back to the mux even after a read of nothing or an error.
+            let handled = match body {
+                Some(body) => m.handle_body_input(body, &mut buf, &mut fds),
+                None if matches!(res, Ok(n) if n > 0) => m.handle_input(&mut buf, &mut fds),
+                None => Ok(()),
+            };
+            let stop = match res {
+                Ok(0) => {
+                    m.handle_eof();
+                    true
+                }
+                Ok(_) => handled.is_err() || m.lost().is_some(),
+                Err(e) => {
+                    m.fail(read_failed(e));
+                    true
+                }
+            };
+            (stop, m.next_read(&mut buf))
+        });
         if stop {
             shared.notify.notify_one();
             return;

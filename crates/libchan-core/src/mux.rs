@@ -1771,13 +1771,10 @@ impl Mux {
         d.filled += n;
         let (id, left, rest, fin) = (d.stream, d.left, d.rest, d.fin);
         let whole = if left == 0 {
-            // The frame's part is in: join the body again. `head` is full and `region`
-            // is full, so each join only moves the end of one buffer to the next.
-            d.parts.take().map(|(mut head, after)| {
-                head.unsplit(region);
-                head.unsplit(after);
-                head
-            })
+            // The frame's part is in: join the body again (no copy: both sides are full).
+            d.parts
+                .take()
+                .map(|(head, after)| join_parts(head, Some(region), after))
         } else {
             d.region = Some(region);
             None
@@ -1918,12 +1915,9 @@ impl Mux {
         let Some(d) = self.direct.take() else {
             return;
         };
-        if let Some((mut head, after)) = d.parts {
+        if let Some((head, after)) = d.parts {
             // Part of the frame is in the body already: put the body back together.
-            if let Some(region) = d.region {
-                head.unsplit(region);
-            }
-            head.unsplit(after);
+            let head = join_parts(head, d.region, after);
             if let Some(p) = self
                 .streams
                 .get_mut(&d.stream)
@@ -2636,6 +2630,17 @@ impl Body {
         }
         body.freeze()
     }
+}
+
+/// Joins a body buffer split around a frame's part ([`Mux::next_read`]): what came
+/// before (full), the part (full, unless the direct read is given up), the room after.
+/// Each join only moves the end of one buffer to the next when its left side is full.
+fn join_parts(mut head: BytesMut, part: Option<BytesMut>, after: BytesMut) -> BytesMut {
+    if let Some(part) = part {
+        head.unsplit(part);
+    }
+    head.unsplit(after);
+    head
 }
 
 /// True if `s` is receiving a large body (one with its buffer allocated ahead) that
