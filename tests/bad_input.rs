@@ -153,7 +153,7 @@ macro_rules! hostile_peer_cases {
             };
             assert_eq!(reason, Reason::PROTOCOL);
             assert!(
-                message.contains("16777215") && message.contains("max_frame_size 65536"),
+                message.contains("16777215") && message.contains("max_frame_size 262144"),
                 "{message}"
             );
             let e = within("accept", s.accept::<u32>())

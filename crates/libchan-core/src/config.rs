@@ -14,7 +14,7 @@ use crate::codec::Codec;
 /// ```
 /// use libchan_core::Limits;
 /// let limits = Limits { max_message_size: 1 << 20, ..Limits::default() };
-/// assert_eq!(limits.max_frame_size, 64 * 1024);
+/// assert_eq!(limits.max_frame_size, 256 * 1024);
 /// ```
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Limits {
@@ -42,7 +42,7 @@ pub struct Limits {
 impl Default for Limits {
     fn default() -> Self {
         Limits {
-            max_frame_size: 64 * 1024,
+            max_frame_size: 256 * 1024,
             max_message_size: 128 * 1024 * 1024,
             initial_window: 256 * 1024,
             max_streams: 16 * 1024,

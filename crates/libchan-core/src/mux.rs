@@ -171,6 +171,19 @@ pub const RECV_BATCH_BYTES: usize = 16 * 1024;
 /// Fewest body bytes of one DATA frame worth a read of their own into the body.
 const DIRECT_MIN_READ: usize = 4096;
 
+/// Message headers [`Mux::try_direct`] looks at in the part of a frame that is here, at
+/// most, to find where a large body begins.
+const DIRECT_MAX_WALK: usize = 4096;
+
+/// Bodies of at least this many bytes (or of our `max_frame_size`, if smaller) get their
+/// final buffer when their header arrives ([`Body::with_len`]).
+const DIRECT_BODY_MIN: usize = 64 * 1024;
+
+/// Largest DATA frame sent while other streams wait for their turn: a larger peer
+/// `max_frame_size` is used only by a stream that has the connection to itself, so that
+/// a small message never waits behind more than this much of another stream's bulk.
+const FAIR_FRAME: usize = 64 * 1024;
+
 /// Where the driver puts the next bytes it reads from the connection; see
 /// [`Mux::next_read`].
 #[derive(Debug)]
@@ -1464,7 +1477,12 @@ impl Mux {
                 continue;
             };
             s.in_ready = false;
-            let room = max_frame
+            let frame_cap = if self.ready.is_empty() {
+                max_frame
+            } else {
+                max_frame.min(FAIR_FRAME)
+            };
+            let room = frame_cap
                 .min(s.credit as usize)
                 .min(max - total(out, &refs).min(max));
             let at = out.len();
@@ -1853,8 +1871,9 @@ impl Mux {
     }
 
     /// With an incomplete frame at the front of `buf`: if it is a DATA frame that carries
-    /// at least [`DIRECT_MIN_READ`] more bytes of a large body, handles the bytes that are
-    /// here as a frame of their own and has the rest read straight into the body.
+    /// at least [`DIRECT_MIN_READ`] more bytes of a large body (one already begun, or one
+    /// whose message header is in the part that is here), handles the bytes that are here
+    /// as a frame of their own and has the rest read straight into the body.
     fn try_direct(&mut self, buf: &mut BytesMut) -> Result<(), Error> {
         if !self.direct_reads
             || self.direct.is_some()
@@ -1879,13 +1898,37 @@ impl Mux {
         {
             return Ok(());
         }
-        let Some(p) = s.partial.as_ref() else {
-            return Ok(());
+        // Where the message that the frame's part here ends in ends (`end`, in bytes from
+        // the frame's payload), walking the headers of the messages that begin here.
+        let (mut end, begun) = match s.partial.as_ref() {
+            Some(p) if p.discard || p.body.dest.is_none() => return Ok(()),
+            Some(p) => (p.need, true),
+            None => (0, false),
         };
-        if p.discard || p.body.dest.is_none() || here >= p.need {
+        let mut new_body = None;
+        let payload = &buf[frame::HEADER_LEN..];
+        let mut walked = 0;
+        while end < here {
+            walked += 1;
+            if here - end < MESSAGE_HEADER_LEN || walked > DIRECT_MAX_WALK {
+                // The part here ends in a message header (or too many messages begin
+                // here to look at): no direct read.
+                return Ok(());
+            }
+            let h = &payload[end..end + MESSAGE_HEADER_LEN];
+            let payload_len = u32::from_be_bytes([h[0], h[1], h[2], h[3]]) as usize;
+            let nrefs = usize::from(u16::from_be_bytes([h[4], h[5]]));
+            let body = payload_len.saturating_add(nrefs * REF_LEN);
+            new_body = Some(body);
+            end = end.saturating_add(body.saturating_add(MESSAGE_HEADER_LEN));
+        }
+        if end == here
+            || new_body.is_some_and(|b| b < DIRECT_BODY_MIN.min(self.local.max_frame_size as usize))
+            || (new_body.is_none() && !begun)
+        {
             return Ok(());
         }
-        let direct = len.min(p.need) - here;
+        let direct = len.min(end) - here;
         if direct < DIRECT_MIN_READ {
             return Ok(());
         }
@@ -1896,6 +1939,18 @@ impl Mux {
             fin: false,
             payload,
         })?;
+        // A body that begins here got its buffer only if the limits and the session's
+        // reserve allowed it; otherwise the rest of the frame comes through the buffer.
+        let ready = self
+            .streams
+            .get(&id)
+            .filter(|s| matches!(s.rx, RxState::Open))
+            .and_then(|s| s.partial.as_ref())
+            .is_some_and(|p| !p.discard && p.body.dest.is_some() && p.need == end - here);
+        if !ready {
+            prepend_data_header(buf, id, len - here, fin);
+            return Ok(());
+        }
         self.direct = Some(Direct {
             stream: id,
             left: direct,
@@ -2333,7 +2388,7 @@ impl Mux {
                 s.partial = Some(Box::new(Partial {
                     body: Body::with_len(
                         body_len,
-                        self.local.max_frame_size as usize,
+                        DIRECT_BODY_MIN.min(self.local.max_frame_size as usize),
                         &self.reserved,
                         self.budget.max,
                     ),
@@ -2545,8 +2600,7 @@ fn unpin(piece: Bytes) -> Bytes {
 /// (each stays a slice of its read buffer) and joined once, at its exact size, when
 /// complete: growing one buffer would copy the body again at every doubling.
 ///
-/// A large body (at least our `max_frame_size`, so it spans frames) instead gets its
-/// final buffer at once
+/// A large body (at least [`DIRECT_BODY_MIN`]) instead gets its final buffer at once
 /// (`dest`): what arrives through the read buffer is copied into it, and the rest the
 /// driver reads straight into it ([`Mux::next_read`]), so that most of its bytes are
 /// copied once, by the kernel.

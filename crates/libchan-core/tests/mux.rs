@@ -218,6 +218,51 @@ fn large_message_does_not_stall_other_streams() {
 }
 
 #[test]
+fn frames_are_capped_at_64_kib_while_another_stream_waits() {
+    let mut p = Pair::new();
+    let peer_max = Limits::default().max_frame_size as usize;
+    assert!(
+        peer_max > 64 * 1024,
+        "the default allows frames above 64 KiB"
+    );
+    let big = p.a.open(StreamKind::OpenerSends).expect("open");
+    let small = p.a.open(StreamKind::OpenerSends).expect("open");
+    p.a.send_message(big, message(&vec![7u8; 1 << 20]))
+        .expect("big");
+    p.a.send_message(small, message(b"small")).expect("small");
+    let frames = sent_frames(&mut p.a);
+    let sizes: Vec<(u32, usize)> = frames
+        .iter()
+        .filter_map(|f| match f {
+            Frame::Data {
+                stream, payload, ..
+            } => Some((*stream, payload.len())),
+            _ => None,
+        })
+        .collect();
+    let small_at = sizes
+        .iter()
+        .position(|&(s, _)| s == small)
+        .expect("the small message is sent in the same batch");
+    // While `small` waits, `big` gets at most 64 KiB before it.
+    let before: Vec<usize> = sizes[..small_at].iter().map(|&(_, n)| n).collect();
+    assert!(
+        !before.is_empty() && before.iter().all(|&n| n <= 64 * 1024),
+        "frames of `big` before `small`: {before:?}"
+    );
+    // Alone, `big` uses frames up to the peer's max_frame_size (here: its remaining credit).
+    let after: Vec<usize> = sizes[small_at + 1..]
+        .iter()
+        .filter(|&&(s, _)| s == big)
+        .map(|&(_, n)| n)
+        .collect();
+    assert!(
+        after.iter().any(|&n| n > 64 * 1024) && after.iter().all(|&n| n <= peer_max),
+        "frames of `big` after `small`: {after:?}"
+    );
+}
+
+#[test]
 fn credit_bounds_what_is_sent_until_the_receiver_consumes() {
     let mut p = Pair::new();
     let id = p.a.open(StreamKind::OpenerSends).expect("open");
@@ -1018,6 +1063,105 @@ fn large_bodies_read_straight_into_place_arrive_intact() {
         );
         assert_eq!(p.b.held(), 0);
     }
+}
+
+/// Reads `wire` into `b` where it says, `first` bytes through the buffer first; returns the
+/// bytes read straight into bodies.
+fn feed_after(m: &mut Mux, wire: &mut BytesMut, buf: &mut BytesMut, first: usize) -> usize {
+    let mut direct = 0;
+    let mut first = Some(first);
+    loop {
+        match m.next_read(buf) {
+            ReadTarget::Buffer(limit) => {
+                let k = limit
+                    .unwrap_or(usize::MAX)
+                    .min(first.take().unwrap_or(usize::MAX))
+                    .min(wire.len());
+                if k == 0 {
+                    return direct;
+                }
+                buf.extend_from_slice(&wire.split_to(k));
+                m.handle_input(buf, &mut Vec::new()).expect("input");
+            }
+            ReadTarget::Body(mut region) => {
+                let k = (region.capacity() - region.len()).min(wire.len());
+                region.extend_from_slice(&wire.split_to(k));
+                direct += k;
+                m.handle_body_input(region, buf, &mut Vec::new())
+                    .expect("body input");
+                if k == 0 {
+                    return direct;
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn a_large_body_that_begins_in_a_frames_first_part_is_read_straight_into_place() {
+    // Small messages, then a large one, in one frame of which only the first part has
+    // arrived: the rest of that frame goes straight into the large body.
+    let mut p = Pair::new();
+    let s1 = p.a.open(StreamKind::OpenerSends).expect("open");
+    for i in 0..3 {
+        p.a.send_message(s1, message(&pattern(s1, i, 100)))
+            .expect("send");
+    }
+    let large = pattern(s1, 3, 200_000);
+    p.a.send_message(s1, message(&large)).expect("send");
+    let mut wire = BytesMut::new();
+    p.a.poll_transmit(&mut wire, &mut Vec::new(), 1 << 20);
+    let mut buf = BytesMut::new();
+    let direct = feed_after(&mut p.b, &mut wire, &mut buf, 2000);
+    assert!(
+        direct > 190_000,
+        "{direct} of 200,000 bytes read straight into the body"
+    );
+    let bid = accept(&mut p.b);
+    for i in 0..3 {
+        match recv(&mut p.b, bid) {
+            Poll::Ready(Ok(Some(m))) => assert!(m.payload[..] == pattern(s1, i, 100)[..]),
+            other => panic!("message {i}: {other:?}"),
+        }
+    }
+    match recv(&mut p.b, bid) {
+        Poll::Ready(Ok(Some(m))) => assert!(m.payload[..] == large[..], "large body"),
+        other => panic!("large message: {other:?}"),
+    }
+    assert_eq!(p.b.held(), 0);
+}
+
+#[test]
+fn a_large_body_in_a_frames_first_part_without_room_in_the_reserve_comes_through_the_buffer() {
+    // The session's reserve for bodies allocated ahead is too small for this one: the rest
+    // of its frame is read through the buffer, and everything arrives.
+    let lb = Limits {
+        max_session_buffer: 100_000,
+        ..Limits::default()
+    };
+    let mut p = Pair::with(Limits::default(), lb);
+    let s1 = p.a.open(StreamKind::OpenerSends).expect("open");
+    let sizes = [100, 200_000, 100];
+    for (i, &n) in sizes.iter().enumerate() {
+        p.a.send_message(s1, message(&pattern(s1, i, n)))
+            .expect("send");
+    }
+    let mut wire = BytesMut::new();
+    p.a.poll_transmit(&mut wire, &mut Vec::new(), 1 << 20);
+    let mut buf = BytesMut::new();
+    let direct = feed_after(&mut p.b, &mut wire, &mut buf, 2000);
+    assert_eq!(
+        direct, 0,
+        "no body buffer allocated ahead beyond the reserve"
+    );
+    let bid = accept(&mut p.b);
+    for (i, &n) in sizes.iter().enumerate() {
+        match recv(&mut p.b, bid) {
+            Poll::Ready(Ok(Some(m))) => assert!(m.payload[..] == pattern(s1, i, n)[..]),
+            other => panic!("message {i}: {other:?}"),
+        }
+    }
+    assert!(p.b.lost().is_none());
 }
 
 #[test]
