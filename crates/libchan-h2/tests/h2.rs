@@ -334,7 +334,7 @@ mod http {
             .expect_err("oversized frame");
         assert!(
             e.to_string()
-                .contains("max_frame_size: 16777215 > limit 65536"),
+                .contains("max_frame_size: 16777215 > limit 262144"),
             "{e}"
         );
     }
