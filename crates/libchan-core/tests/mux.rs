@@ -218,6 +218,54 @@ fn large_message_does_not_stall_other_streams() {
 }
 
 #[test]
+fn small_messages_in_a_row_are_copied_out_of_the_read_buffer_together() {
+    let mut p = Pair::new();
+    let id = p.a.open(StreamKind::OpenerSends).expect("open");
+    let sizes = [10, 0, 300, 40_000, 5, 6];
+    for (i, &n) in sizes.iter().enumerate() {
+        p.a.send_message(id, message(&pattern(id, i, n)))
+            .expect("send");
+    }
+    let mut wire = BytesMut::new();
+    p.a.poll_transmit(&mut wire, &mut Vec::new(), 1 << 20);
+    let input = wire.as_ptr_range();
+    let in_input = |b: &[u8]| b.as_ptr() >= input.start && b.as_ptr() < input.end;
+    p.b.handle_input(&mut wire, &mut Vec::new()).expect("input");
+    let bid = accept(&mut p.b);
+    let got: Vec<InMessage> = (0..sizes.len())
+        .map(|i| match recv(&mut p.b, bid) {
+            Poll::Ready(Ok(Some(m))) => m,
+            other => panic!("message {i}: {other:?}"),
+        })
+        .collect();
+    for (i, m) in got.iter().enumerate() {
+        assert!(m.payload[..] == pattern(id, i, sizes[i])[..], "message {i}");
+    }
+    // The first three share one copy, back to back with their headers between them...
+    for i in [0, 1, 2] {
+        assert!(
+            !in_input(&got[i].payload),
+            "message {i} pins the read buffer"
+        );
+    }
+    for i in [1, 2] {
+        let prev = &got[i - 1].payload;
+        assert_eq!(
+            got[i].payload.as_ptr() as usize,
+            prev.as_ptr() as usize + prev.len() + 8,
+            "message {i} follows message {} in one copy",
+            i - 1
+        );
+    }
+    // ...the large one stays a slice of the read buffer, and the last two are copied.
+    assert!(
+        in_input(&got[3].payload),
+        "a 40,000-byte body is not copied"
+    );
+    assert!(!in_input(&got[4].payload) && !in_input(&got[5].payload));
+}
+
+#[test]
 fn frames_are_capped_at_64_kib_while_another_stream_waits() {
     let mut p = Pair::new();
     let peer_max = Limits::default().max_frame_size as usize;
