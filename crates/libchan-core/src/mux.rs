@@ -1900,10 +1900,10 @@ impl Mux {
         }
         // Where the message that the frame's part here ends in ends (`end`, in bytes from
         // the frame's payload), walking the headers of the messages that begin here.
-        let (mut end, begun) = match s.partial.as_ref() {
+        let mut end = match s.partial.as_ref() {
             Some(p) if p.discard || p.body.dest.is_none() => return Ok(()),
-            Some(p) => (p.need, true),
-            None => (0, false),
+            Some(p) => p.need,
+            None => 0,
         };
         let mut new_body = None;
         let payload = &buf[frame::HEADER_LEN..];
@@ -1920,10 +1920,8 @@ impl Mux {
             new_body = Some(body);
             end = end.saturating_add(body.saturating_add(MESSAGE_HEADER_LEN));
         }
-        if end == here
-            || new_body.is_some_and(|b| b < DIRECT_BODY_MIN.min(self.local.max_frame_size as usize))
-            || (new_body.is_none() && !begun)
-        {
+        let large = DIRECT_BODY_MIN.min(self.local.max_frame_size as usize);
+        if end == here || new_body.is_some_and(|b| b < large) {
             return Ok(());
         }
         let direct = len.min(end) - here;
@@ -2329,7 +2327,7 @@ impl Mux {
                         "message header split across DATA frames on stream {id}"
                     )));
                 }
-                if !copied && rest.is_none() {
+                if !copied {
                     // Small messages are copied out of the read buffer so that they do not
                     // pin it; several in a row are copied together, with one allocation,
                     // and each keeps a slice of the copy.
