@@ -989,12 +989,25 @@ fn small_messages_queued_together_are_never_cut_inside_a_header() {
 /// pseudo-random sizes, from `wire`. Returns the bytes that went straight into bodies.
 fn feed_directed(m: &mut Mux, wire: &mut BytesMut, buf: &mut BytesMut, seed: &mut u64) -> usize {
     const CHUNKS: [usize; 7] = [1, 5, 9, 100, 4096, 65_536, 300_000];
-    let mut direct = 0;
-    loop {
+    feed_with(m, wire, buf, || {
         *seed = seed
             .wrapping_mul(6364136223846793005)
             .wrapping_add(1442695040888963407);
-        let chunk = CHUNKS[(*seed >> 33) as usize % CHUNKS.len()];
+        CHUNKS[(*seed >> 33) as usize % CHUNKS.len()]
+    })
+}
+
+/// Reads `wire` into `m` where it says, each read at most `chunk()` bytes, until `wire`
+/// is empty; returns the bytes read straight into bodies.
+fn feed_with(
+    m: &mut Mux,
+    wire: &mut BytesMut,
+    buf: &mut BytesMut,
+    mut chunk: impl FnMut() -> usize,
+) -> usize {
+    let mut direct = 0;
+    loop {
+        let chunk = chunk();
         match m.next_read(buf) {
             ReadTarget::Buffer(limit) => {
                 let k = chunk.min(limit.unwrap_or(usize::MAX)).min(wire.len());
@@ -1113,36 +1126,11 @@ fn large_bodies_read_straight_into_place_arrive_intact() {
     }
 }
 
-/// Reads `wire` into `b` where it says, `first` bytes through the buffer first; returns the
+/// Reads `wire` into `m` where it says, `first` bytes through the buffer first; returns the
 /// bytes read straight into bodies.
 fn feed_after(m: &mut Mux, wire: &mut BytesMut, buf: &mut BytesMut, first: usize) -> usize {
-    let mut direct = 0;
     let mut first = Some(first);
-    loop {
-        match m.next_read(buf) {
-            ReadTarget::Buffer(limit) => {
-                let k = limit
-                    .unwrap_or(usize::MAX)
-                    .min(first.take().unwrap_or(usize::MAX))
-                    .min(wire.len());
-                if k == 0 {
-                    return direct;
-                }
-                buf.extend_from_slice(&wire.split_to(k));
-                m.handle_input(buf, &mut Vec::new()).expect("input");
-            }
-            ReadTarget::Body(mut region) => {
-                let k = (region.capacity() - region.len()).min(wire.len());
-                region.extend_from_slice(&wire.split_to(k));
-                direct += k;
-                m.handle_body_input(region, buf, &mut Vec::new())
-                    .expect("body input");
-                if k == 0 {
-                    return direct;
-                }
-            }
-        }
-    }
+    feed_with(m, wire, buf, || first.take().unwrap_or(usize::MAX))
 }
 
 #[test]
