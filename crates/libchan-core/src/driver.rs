@@ -66,6 +66,15 @@ pub trait LinkRead: Send + 'static {
         fds: &mut Vec<OwnedFd>,
     ) -> Poll<io::Result<usize>>;
 
+    /// The peer is about to send descriptors (its FDS frame arrived, PROTOCOL.md §8): from
+    /// the next read on, receive the descriptors that come with the bytes. Until then a
+    /// link MAY read without them (the unix link uses a plain `recv`, cheaper than
+    /// `recvmsg` with room for `SCM_RIGHTS`): a peer sends descriptors only after our answer
+    /// to its FDS, and the driver calls this before its next read after the FDS. The driver
+    /// calls it at most once. The default does nothing (a link that always reads descriptors, or
+    /// passes none).
+    fn enable_fds(&mut self) {}
+
     /// Reads into the spare capacity of `first` and, once that is full, of `then`, in
     /// one call where the link can (the unix link: one `recvmsg` with two buffers);
     /// returns the bytes read in all. The driver uses it to read the rest of a large
@@ -452,7 +461,7 @@ async fn read_loop(shared: Arc<Shared>, mut r: Box<dyn LinkRead>) {
         if let Some(spare) = spare {
             buf.unsplit(spare);
         }
-        let (stop, next) = shared.with(|m| {
+        let (stop, next, fds_asked) = shared.with(|m| {
             // A body goes back to the mux even after a read of nothing or an error.
             let handled = match body {
                 Some(body) => m.handle_body_input(body, &mut buf, &mut fds),
@@ -470,8 +479,11 @@ async fn read_loop(shared: Arc<Shared>, mut r: Box<dyn LinkRead>) {
                     true
                 }
             };
-            (stop, m.next_read(&mut buf))
+            (stop, m.next_read(&mut buf), m.take_fds_asked())
         });
+        if fds_asked {
+            r.enable_fds();
+        }
         if stop {
             shared.notify.notify_one();
             return;

@@ -42,11 +42,13 @@ impl FrameType {
     pub const PING: FrameType = FrameType(0x6);
     /// Ends the session (stream 0).
     pub const GOAWAY: FrameType = FrameType(0x7);
+    /// Descriptor handshake (stream 0): "descriptors follow" / "read with them now".
+    pub const FDS: FrameType = FrameType(0x8);
 }
 
 /// Flag of DATA: the sender's direction of the stream ends after this frame.
 pub const FLAG_FIN: u8 = 0x1;
-/// Flag of PING: this is the answer to a PING.
+/// Flag of PING and FDS: this is the answer.
 pub const FLAG_ACK: u8 = 0x1;
 
 /// What kind of stream an OPEN creates, from the opener's point of view.
@@ -210,6 +212,12 @@ pub enum Frame {
         /// Details (UTF-8).
         message: String,
     },
+    /// FDS: the sender is about to send descriptors (`ack` false), or the answer: the
+    /// sender now reads descriptors with the bytes (`ack` true). PROTOCOL.md §8.
+    Fds {
+        /// The answer.
+        ack: bool,
+    },
     /// A frame of a type this version does not know; ignored.
     Unknown {
         /// Its type.
@@ -367,6 +375,14 @@ pub fn decode(
                 last_stream,
                 reason,
                 message: utf8(&p, "GOAWAY")?,
+            }
+        }
+        FrameType::FDS => {
+            if stream != 0 || !p.is_empty() {
+                return err("FDS must be on stream 0 with an empty payload");
+            }
+            Frame::Fds {
+                ack: flags & FLAG_ACK != 0,
             }
         }
         ty => Frame::Unknown { ty },
@@ -529,6 +545,11 @@ pub fn encode_reset(out: &mut BytesMut, stream: u32, reason: Reason) {
 pub fn encode_ping(out: &mut BytesMut, ack: bool, opaque: u64) {
     header(out, 8, FrameType::PING, if ack { FLAG_ACK } else { 0 }, 0);
     out.put_u64(opaque);
+}
+
+/// Encodes an FDS (PROTOCOL.md §8).
+pub fn encode_fds(out: &mut BytesMut, ack: bool) {
+    header(out, 0, FrameType::FDS, if ack { FLAG_ACK } else { 0 }, 0);
 }
 
 /// Encodes a GOAWAY (message truncated to fit `max_frame_size`).

@@ -464,6 +464,25 @@ pub struct Mux {
     /// Capacity of large bodies allocated ahead of their bytes (bounded by
     /// `max_session_buffer`; beyond it bodies are collected piece by piece).
     reserved: Arc<AtomicUsize>,
+    /// Whether this side may send descriptors yet (PROTOCOL.md §8).
+    fds_out: FdsOut,
+    /// Streams whose next message carries descriptors, held until the peer answers FDS.
+    fds_held: Vec<u32>,
+    /// The peer's FDS was answered (it is answered once).
+    fds_in: bool,
+    /// The peer's FDS arrived and the driver has not been told yet ([`Mux::take_fds_asked`]).
+    fds_asked: bool,
+}
+
+/// Where this side is in the descriptor handshake (PROTOCOL.md §8).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum FdsOut {
+    /// No descriptor sent or asked for yet.
+    Idle,
+    /// FDS sent; waiting for the answer.
+    Asked,
+    /// The peer answered: descriptors may go.
+    Ready,
 }
 
 impl std::fmt::Debug for Mux {
@@ -534,6 +553,10 @@ impl Mux {
             direct: None,
             expect_header: false,
             reserved: Arc::new(AtomicUsize::new(0)),
+            fds_out: FdsOut::Idle,
+            fds_held: Vec::new(),
+            fds_in: false,
+            fds_asked: false,
         }
     }
 
@@ -1488,6 +1511,7 @@ impl Mux {
             let at = out.len();
             frame::encode_data_header(out, id, 0, false);
             let mut n = 0;
+            let mut held = false;
             while n < room {
                 let Some(c) = s.queue.front_mut() else {
                     break;
@@ -1497,6 +1521,10 @@ impl Mux {
                         break;
                     }
                     if !c.fds.is_empty() {
+                        if self.fds_out != FdsOut::Ready {
+                            held = true;
+                            break;
+                        }
                         if fds.len() + c.fds.len() > fd_cap {
                             break;
                         }
@@ -1524,6 +1552,26 @@ impl Mux {
             }
             s.credit -= n as u32;
             s.pending -= n;
+            if held {
+                // A message with descriptors waits for the peer's answer to FDS; what
+                // came before it goes now, other streams go on.
+                if n == 0 {
+                    out.truncate(at);
+                } else {
+                    frame::patch_len(out, at, n);
+                }
+                if s.pending < threshold {
+                    self.wakers.append(&mut s.tx_wakers.0);
+                }
+                if !self.fds_held.contains(&id) {
+                    self.fds_held.push(id);
+                }
+                if self.fds_out == FdsOut::Idle {
+                    frame::encode_fds(out, false);
+                    self.fds_out = FdsOut::Asked;
+                }
+                continue;
+            }
             let mut fin = false;
             if s.queue.is_empty() {
                 match s.end.take() {
@@ -1696,6 +1744,13 @@ impl Mux {
         }
         self.unstarve();
         r
+    }
+
+    /// True once, after the peer's FDS frame (it is about to send descriptors): from the
+    /// next read on, the driver must read descriptors with the bytes
+    /// ([`LinkRead::enable_fds`](crate::driver::LinkRead::enable_fds)). PROTOCOL.md §8.
+    pub fn take_fds_asked(&mut self) -> bool {
+        std::mem::take(&mut self.fds_asked)
     }
 
     /// Says where the driver reads next: into the read buffer, or straight into the body
@@ -2098,6 +2153,25 @@ impl Mux {
                 }
                 Ok(())
             }
+            Frame::Fds { ack: true } => {
+                if self.fds_out == FdsOut::Asked {
+                    self.fds_out = FdsOut::Ready;
+                    for id in std::mem::take(&mut self.fds_held) {
+                        self.mark_ready(id);
+                    }
+                }
+                Ok(())
+            }
+            Frame::Fds { ack: false } => {
+                // Answered once: a peer asks once per connection.
+                if !self.fds_in {
+                    self.fds_in = true;
+                    self.fds_asked = true;
+                    frame::encode_fds(&mut self.ctrl, true);
+                    self.flush = true;
+                }
+                Ok(())
+            }
             Frame::Unknown { .. } => Ok(()),
         }
     }
@@ -2346,8 +2420,13 @@ impl Mux {
                 payload.advance(MESSAGE_HEADER_LEN);
                 if nfds > self.fd_in.len() {
                     return Err(Error::protocol(format!(
-                        "message on stream {id} announces {nfds} descriptors, {} arrived",
-                        self.fd_in.len()
+                        "message on stream {id} announces {nfds} descriptors, {} arrived{}",
+                        self.fd_in.len(),
+                        if self.fds_in {
+                            ""
+                        } else {
+                            " (no FDS frame came first: descriptors sent without one are lost, PROTOCOL.md §8)"
+                        }
                     )));
                 }
                 let fds: Vec<OwnedFd> = self.fd_in.drain(..nfds).collect();

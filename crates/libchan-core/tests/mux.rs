@@ -5,7 +5,7 @@ use std::task::{Context, Poll, Waker};
 
 use bytes::{BufMut, BytesMut};
 use libchan_core::frame::{self, Frame, Hello, Reason, StreamKind};
-use libchan_core::message::{InMessage, OutMessage, OutRef, RefKind};
+use libchan_core::message::{InMessage, OutMessage, OutRef, RefKind, WireRef};
 use libchan_core::mux::{Mux, ReadTarget, Role};
 use libchan_core::{ErrorKind, Limits};
 
@@ -552,7 +552,8 @@ fn fds_announced_but_not_received_is_a_connection_error() {
         .handle_input(&mut input, &mut Vec::new())
         .expect_err("no fds arrived");
     assert!(
-        e.message().contains("announces 1 descriptors, 0 arrived"),
+        e.message()
+            .contains("announces 1 descriptors, 0 arrived (no FDS frame came first"),
         "{e}"
     );
 }
@@ -659,6 +660,113 @@ fn ping_is_answered() {
             opaque: 42
         }]
     );
+}
+
+/// A message with descriptors, as the session layer builds one.
+fn message_with_fd(payload: &[u8]) -> OutMessage {
+    let fd = std::os::fd::OwnedFd::from(std::fs::File::open("/dev/null").expect("/dev/null"));
+    let mut b = OutMessage::start(Vec::new());
+    b.extend_from_slice(payload);
+    OutMessage::finish(
+        b,
+        vec![OutRef::Existing(WireRef {
+            kind: RefKind::Fd,
+            id: 0,
+        })],
+        vec![fd],
+    )
+}
+
+/// Transmits what `m` has, returning the frames and the descriptors that go with them.
+fn sent_frames_and_fds(m: &mut Mux) -> (Vec<Frame>, usize) {
+    let mut out = BytesMut::new();
+    let mut fds = Vec::new();
+    m.poll_transmit(&mut out, &mut fds, 1 << 20);
+    let mut v = Vec::new();
+    while let Some(f) = frame::decode(&mut out, 1 << 24, false).expect("own frames") {
+        v.push(f);
+    }
+    (v, fds.len())
+}
+
+#[test]
+fn a_message_with_descriptors_waits_for_the_answer_to_fds_and_others_do_not() {
+    let mut p = Pair::new();
+    let with_fd = p.a.open(StreamKind::OpenerSends).expect("open");
+    let plain = p.a.open(StreamKind::OpenerSends).expect("open");
+    p.a.send_message(with_fd, message(b"before"))
+        .expect("before");
+    p.a.send_message(with_fd, message_with_fd(b"fd"))
+        .expect("with fd");
+    p.a.send_message(plain, message(b"plain")).expect("plain");
+    // What precedes the message on its stream goes, the other stream goes, and FDS asks
+    // the peer; no descriptor leaves yet.
+    let (frames, nfds) = sent_frames_and_fds(&mut p.a);
+    assert_eq!(nfds, 0, "a descriptor went before the answer");
+    let data_on = |frames: &[Frame], id: u32| {
+        frames
+            .iter()
+            .filter(|f| matches!(f, Frame::Data { stream, .. } if *stream == id))
+            .count()
+    };
+    assert_eq!(data_on(&frames, with_fd), 1, "{frames:?}");
+    assert_eq!(data_on(&frames, plain), 1, "{frames:?}");
+    assert_eq!(
+        frames
+            .iter()
+            .filter(|f| **f == Frame::Fds { ack: false })
+            .count(),
+        1,
+        "{frames:?}"
+    );
+    // More on the held stream waits behind it; FDS is not asked twice.
+    p.a.send_message(with_fd, message(b"after")).expect("after");
+    let (frames, nfds) = sent_frames_and_fds(&mut p.a);
+    assert_eq!((frames.len(), nfds), (0, 0), "{frames:?}");
+    // The peer's answer releases the stream: the message goes with its descriptor.
+    let mut ack = BytesMut::new();
+    frame::encode_fds(&mut ack, true);
+    p.a.handle_input(&mut ack, &mut Vec::new()).expect("ack");
+    let (frames, nfds) = sent_frames_and_fds(&mut p.a);
+    assert_eq!(nfds, 1);
+    assert_eq!(data_on(&frames, with_fd), 1, "{frames:?}");
+    // Later descriptors go at once.
+    p.a.send_message(with_fd, message_with_fd(b"fd2"))
+        .expect("second fd");
+    let (frames, nfds) = sent_frames_and_fds(&mut p.a);
+    assert_eq!((data_on(&frames, with_fd), nfds), (1, 1), "{frames:?}");
+}
+
+#[test]
+fn fds_is_answered_once_and_tells_the_driver_to_read_descriptors() {
+    let mut b = scripted();
+    assert!(!b.take_fds_asked());
+    let mut input = BytesMut::new();
+    frame::encode_fds(&mut input, false);
+    frame::encode_fds(&mut input, false);
+    // An answer nobody asked for is ignored.
+    frame::encode_fds(&mut input, true);
+    b.handle_input(&mut input, &mut Vec::new()).expect("fds");
+    assert!(b.take_fds_asked());
+    assert!(!b.take_fds_asked(), "told once");
+    assert_eq!(sent_frames(&mut b), [Frame::Fds { ack: true }]);
+}
+
+#[test]
+fn fds_with_a_payload_or_on_a_stream_is_a_connection_error() {
+    for (stream, len) in [(0u32, 1usize), (1, 0)] {
+        let mut b = scripted();
+        let mut input = BytesMut::new();
+        input.put_uint(len as u64, 3);
+        input.put_u8(0x8);
+        input.put_u8(0);
+        input.put_u32(stream);
+        input.put_bytes(0, len);
+        let e = b
+            .handle_input(&mut input, &mut Vec::new())
+            .expect_err("bad FDS");
+        assert!(e.message().contains("FDS must be on stream 0"), "{e}");
+    }
 }
 
 #[test]

@@ -120,6 +120,10 @@ fn vectors() -> BTreeMap<&'static str, Vec<u8>> {
     frame::encode_ping(&mut b, true, 1);
     v.insert("ping-and-ack", b.to_vec());
     let mut b = BytesMut::new();
+    frame::encode_fds(&mut b, false);
+    frame::encode_fds(&mut b, true);
+    v.insert("fds-and-ack", b.to_vec());
+    let mut b = BytesMut::new();
     frame::encode_goaway(&mut b, 4, Reason::NO_ERROR, "bye", 65536);
     v.insert("goaway", b.to_vec());
     v
@@ -208,6 +212,10 @@ fn spec_vectors_decode_to_what_the_spec_says() {
             stream: 3,
             message: "disk full".into()
         }]
+    );
+    assert_eq!(
+        decode_all("fds-and-ack"),
+        [Frame::Fds { ack: false }, Frame::Fds { ack: true }]
     );
     assert_eq!(
         decode_all("goaway"),
