@@ -138,12 +138,16 @@ pub(crate) struct RemoteSender {
     id: u32,
     closed: AtomicBool,
     size_hint: AtomicUsize,
+    /// The last send left the channel below its send threshold: the next one need not
+    /// ask the connection first (one lock per send instead of two). Only a send by
+    /// another clone in between can have filled it since, so the threshold is exceeded
+    /// by at most one message per clone sending at that moment.
+    ready: AtomicBool,
 }
 
 impl Drop for RemoteSender {
     fn drop(&mut self) {
-        self.session.conn.finish(self.id);
-        self.session.conn.release(self.id);
+        self.session.conn.finish_and_release(self.id);
     }
 }
 
@@ -173,15 +177,7 @@ impl<T> fmt::Debug for Sender<T> {
 impl<T: Message> Sender<T> {
     pub(crate) fn remote(session: Arc<NetSession>, id: u32) -> Self {
         Sender {
-            inner: SenderInner::Remote(
-                Arc::new(RemoteSender {
-                    session,
-                    id,
-                    closed: AtomicBool::new(false),
-                    size_hint: AtomicUsize::new(64),
-                }),
-                PhantomData,
-            ),
+            inner: SenderInner::Remote(RemoteSender::new(session, id), PhantomData),
         }
     }
 
@@ -232,7 +228,18 @@ impl<T: Message> Sender<T> {
                         error: Error::closed("send after close"),
                     });
                 }
-                if let Err(error) = poll_fn(|cx| poll_send_ready_coop(r, cx)).await {
+                let ready = if r.ready.load(Ordering::Relaxed) {
+                    poll_fn(|cx| {
+                        tokio::task::coop::poll_proceed(cx).map(|c| {
+                            c.made_progress();
+                            Ok(())
+                        })
+                    })
+                    .await
+                } else {
+                    poll_fn(|cx| poll_send_ready_coop(r, cx)).await
+                };
+                if let Err(error) = ready {
                     return Err(SendError {
                         message: value,
                         error,
@@ -481,8 +488,9 @@ fn remote_send<T: Message>(r: &Arc<RemoteSender>, value: T) -> Result<(), SendEr
     // twice). One small message after a large one brings the hint back down. Spliced
     // blobs are not in the buffer, so they do not count.
     r.size_hint.store(msg.buf.len(), Ordering::Relaxed);
-    match r.session.conn.send_message(r.id, msg) {
-        Ok(ids) => {
+    match r.session.conn.send_message_then_ready(r.id, msg) {
+        Ok((ids, ready)) => {
+            r.ready.store(ready, Ordering::Relaxed);
             let mut ids = ids.into_iter();
             for a in attach.into_iter().flatten() {
                 // Attachments of new streams get ids in order; others get none.
@@ -805,6 +813,7 @@ impl RemoteSender {
             id,
             closed: AtomicBool::new(false),
             size_hint: AtomicUsize::new(64),
+            ready: AtomicBool::new(false),
         })
     }
 }

@@ -112,6 +112,13 @@ pub trait Connection: Send + Sync + fmt::Debug + 'static {
     fn poll_send_ready(&self, cx: &mut Context<'_>, id: u32) -> Poll<Result<(), Error>>;
     /// Queues a message on channel `id`; returns the ids of the streams it opened.
     fn send_message(&self, id: u32, msg: OutMessage) -> Result<Vec<u32>, Error>;
+    /// [`send_message`](Connection::send_message), also saying whether channel `id` can
+    /// take another message right away (what [`poll_send_ready`](Connection::poll_send_ready)
+    /// would say now): then the next send skips asking. The default says `false`, so
+    /// every send asks.
+    fn send_message_then_ready(&self, id: u32, msg: OutMessage) -> Result<(Vec<u32>, bool), Error> {
+        self.send_message(id, msg).map(|ids| (ids, false))
+    }
     /// Takes the next message of channel `id`; `Ok(None)` after a clean end.
     fn poll_recv(&self, cx: &mut Context<'_>, id: u32) -> Poll<Result<Option<InMessage>, Error>>;
     /// [`poll_recv`](Connection::poll_recv) that may also move further messages of channel
@@ -163,6 +170,12 @@ pub trait Connection: Send + Sync + fmt::Debug + 'static {
     /// streams those messages reference are released as by
     /// [`release_refs`](Connection::release_refs); an open receiving direction is reset.
     fn release(&self, id: u32);
+    /// [`finish`](Connection::finish) then [`release`](Connection::release): the last
+    /// handle of a sending end is gone (one call, so a connection can do both at once).
+    fn finish_and_release(&self, id: u32) {
+        self.finish(id);
+        self.release(id);
+    }
     /// Called once for every received message after it was decoded (or not): releases
     /// the streams it references that the decoder did not claim, and unpins the local
     /// Sender streams it sent back (PROTOCOL.md §7, "Sent back").

@@ -654,6 +654,13 @@ impl Connection for MuxConnection {
         self.shared.with(|m| m.send_message(id, msg))
     }
 
+    fn send_message_then_ready(&self, id: u32, msg: OutMessage) -> Result<(Vec<u32>, bool), Error> {
+        self.shared.with(|m| {
+            m.send_message(id, msg)
+                .map(|ids| (ids, m.send_ready_now(id)))
+        })
+    }
+
     fn poll_recv(&self, cx: &mut Context<'_>, id: u32) -> Poll<Result<Option<InMessage>, Error>> {
         self.shared.with(|m| m.poll_recv(cx, id))
     }
@@ -706,6 +713,13 @@ impl Connection for MuxConnection {
 
     fn release(&self, id: u32) {
         self.shared.with(|m| m.release(id))
+    }
+
+    fn finish_and_release(&self, id: u32) {
+        self.shared.with(|m| {
+            m.finish(id);
+            m.release(id)
+        })
     }
 
     fn release_refs(&self, refs: &[WireRef]) {

@@ -767,6 +767,17 @@ impl Mux {
         Poll::Pending
     }
 
+    /// True if channel `id` can take another message now: what
+    /// [`poll_send_ready`](Mux::poll_send_ready) would answer with `Ready(Ok)`.
+    pub fn send_ready_now(&self, id: u32) -> bool {
+        let threshold = self.peer.as_ref().map_or(0, |p| p.initial_window as usize);
+        self.lost.is_none()
+            && self
+                .streams
+                .get(&id)
+                .is_some_and(|s| matches!(s.tx, TxState::Open) && s.pending < threshold.max(1))
+    }
+
     /// Ready when the send half of `id` can no longer deliver (the receiver went away or
     /// the connection was lost).
     pub fn poll_send_closed(&mut self, cx: &mut Context<'_>, id: u32) -> Poll<()> {

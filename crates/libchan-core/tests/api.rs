@@ -146,6 +146,47 @@ async fn every_sender_clone_waiting_on_a_full_window_gets_through() {
     }
 }
 
+/// One sender whose peer reads nothing stops once what is in flight (the peer's window)
+/// and what is queued (another window) are full: `send` skips asking the connection
+/// while the previous send left room, and must still stop at the window.
+#[tokio::test(flavor = "current_thread")]
+async fn a_sender_whose_peer_reads_nothing_stops_at_the_window() {
+    use libchan_core::Limits;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    const SIZE: usize = 8 * 1024;
+    let window = Limits::MIN_WINDOW as usize;
+    let limits = Limits {
+        initial_window: Limits::MIN_WINDOW,
+        ..Limits::default()
+    };
+    let (a, b) = duplex_pair(Config::new(libchan_codec_cbor::Cbor).with_limits(limits)).await;
+    let tx = a.open::<Vec<u8>>().await.unwrap();
+    let _rx = b.accept::<Vec<u8>>().await.unwrap().unwrap();
+    let sent = Arc::new(AtomicUsize::new(0));
+    let counter = sent.clone();
+    let sender = tokio::spawn(async move {
+        loop {
+            tx.send(vec![1; SIZE]).await.unwrap();
+            counter.fetch_add(1, Ordering::SeqCst);
+        }
+    });
+    // One thread: every yield lets the sender, the writer and the peer's reader run until
+    // they wait; a sender without backpressure would pass the bound in its first turn
+    // (it yields only every 128 sends).
+    for _ in 0..50 {
+        tokio::task::yield_now().await;
+    }
+    let n = sent.load(Ordering::SeqCst);
+    assert!(n >= window / SIZE, "only {n} sends completed");
+    assert!(
+        n <= 2 * window / SIZE + 2,
+        "{n} sends of {SIZE} bytes completed against a window of {window}"
+    );
+    sender.abort();
+}
+
 /// A task that sends or receives on a remote channel without ever waiting still yields
 /// now and then (tokio's cooperative budget), so other tasks on its thread run meanwhile:
 /// here a one-thread runtime, where nothing else could run otherwise.
