@@ -431,7 +431,7 @@ pub struct Mux {
     goaway_received: bool,
     /// A GOAWAY without error was sent or received: accept ends with `Ok(None)`.
     clean_goaway: bool,
-    streams: IdMap<Stream>,
+    streams: IdMap<Box<Stream>>,
     next_local: u32,
     last_peer: u32,
     peer_open: u32,
@@ -664,8 +664,10 @@ impl Mux {
         frame::encode_open(&mut self.ctrl, id, kind, parent);
         self.flush = true;
         let outstanding = self.local.initial_window;
-        self.streams
-            .insert(id, Stream::new(kind, true, parent, credit, outstanding));
+        self.streams.insert(
+            id,
+            Box::new(Stream::new(kind, true, parent, credit, outstanding)),
+        );
         self.local_open += 1;
         Ok(id)
     }
@@ -1882,7 +1884,7 @@ impl Mux {
                 // The frame's remainder: a frame of its own, in front of what follows.
                 prepend_data_header(buf, id, rest, fin);
             } else {
-                self.expect_header = self.streams.get(&id).is_some_and(body_continues);
+                self.expect_header = self.streams.get(&id).is_some_and(|s| body_continues(s));
             }
         }
         if let Some(extra) = extra {
@@ -2059,7 +2061,7 @@ impl Mux {
     }
 
     fn held_by(&self, id: u32) -> usize {
-        self.streams.get(&id).map_or(0, held)
+        self.streams.get(&id).map_or(0, |s| held(s))
     }
 
     /// Bytes held for the application over all streams (for tests and monitoring).
@@ -2292,7 +2294,7 @@ impl Mux {
         }
         let credit = self.peer.as_ref().map_or(0, |p| p.initial_window);
         let s = Stream::new(kind, false, parent, credit, self.local.initial_window);
-        self.streams.insert(id, s);
+        self.streams.insert(id, Box::new(s));
         self.peer_open += 1;
         if parent != 0 {
             self.orphans.entry(parent).or_default().push(id);
