@@ -750,7 +750,7 @@ impl Mux {
     /// Waits until stream `id` can take another message (its unsent bytes are below the
     /// peer's window).
     pub fn poll_send_ready(&mut self, cx: &mut Context<'_>, id: u32) -> Poll<Result<(), Error>> {
-        let threshold = self.peer.as_ref().map_or(0, |p| p.initial_window as usize);
+        let threshold = self.send_threshold();
         let lost = self.lost.clone();
         let Some(s) = self.streams.get_mut(&id) else {
             return Poll::Ready(Err(
@@ -762,7 +762,7 @@ impl Mux {
             TxState::Failed(e) => return Poll::Ready(Err(e.clone())),
             _ => return Poll::Ready(Err(Error::closed("channel already closed"))),
         }
-        if s.pending < threshold.max(1) {
+        if s.pending < threshold {
             return Poll::Ready(Ok(()));
         }
         s.tx_wakers.register(cx.waker());
@@ -772,12 +772,20 @@ impl Mux {
     /// True if channel `id` can take another message now: what
     /// [`poll_send_ready`](Mux::poll_send_ready) would answer with `Ready(Ok)`.
     pub fn send_ready_now(&self, id: u32) -> bool {
-        let threshold = self.peer.as_ref().map_or(0, |p| p.initial_window as usize);
+        let threshold = self.send_threshold();
         self.lost.is_none()
             && self
                 .streams
                 .get(&id)
-                .is_some_and(|s| matches!(s.tx, TxState::Open) && s.pending < threshold.max(1))
+                .is_some_and(|s| matches!(s.tx, TxState::Open) && s.pending < threshold)
+    }
+
+    /// Queued bytes of a channel below which a send need not wait: the peer's window.
+    fn send_threshold(&self) -> usize {
+        self.peer
+            .as_ref()
+            .map_or(0, |p| p.initial_window as usize)
+            .max(1)
     }
 
     /// Ready when the send half of `id` can no longer deliver (the receiver went away or
@@ -2438,7 +2446,8 @@ impl Mux {
                         if self.fds_in {
                             ""
                         } else {
-                            " (no FDS frame came first: descriptors sent without one are lost, PROTOCOL.md §8)"
+                            " (no FDS frame came first: descriptors sent without one are \
+                             lost, PROTOCOL.md §8)"
                         }
                     )));
                 }
