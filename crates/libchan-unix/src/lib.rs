@@ -223,7 +223,7 @@ impl UnixRead {
             // set it); `short_reads_never_lose_queued_segments` checks it. Reporting that
             // read to tokio as `WouldBlock` clears the readiness it saw (and only that: a
             // segment arriving later sets it again), which saves the read that would only
-            // say EAGAIN — one `recvmsg` of every two on a request/response link.
+            // say EAGAIN — one read of every two on a request/response link.
             let room =
                 buf.capacity() - buf.len() + then.as_ref().map_or(0, |t| t.capacity() - t.len());
             let before = fds.len();
@@ -255,7 +255,8 @@ fn spare_bytes(buf: &mut BytesMut) -> &mut [u8] {
     unsafe { std::slice::from_raw_parts_mut(spare.as_mut_ptr().cast::<u8>(), spare.len()) }
 }
 
-/// One `recvmsg` into the spare capacity of `buf`, then of `then` (if any).
+/// One read into the spare capacity of `buf`, then of `then` (if any): a plain `recv` or
+/// `readv` until descriptors are enabled (`cmsg` empty), a `recvmsg` after.
 fn recv_with_fds(
     fd: RawFd,
     buf: &mut BytesMut,
@@ -448,40 +449,76 @@ mod tests {
         }
     }
 
+    /// Before descriptors are enabled the link reads with plain `recv`: segments queued
+    /// before a read all arrive, and a segment that comes after the reader found the
+    /// queue empty wakes it (the short-read shortcut holds for plain reads too).
+    #[tokio::test]
+    async fn plain_reads_never_lose_queued_segments() {
+        let guard = Duration::from_secs(10);
+        let (a, b) = UnixStream::pair().unwrap();
+        let (mut r, _w) = Box::new(UnixLink(b)).split();
+        let (_ra, wa) = a.into_split();
+        let raw = wa.as_ref().as_raw_fd();
+        for round in 0..50u8 {
+            for _ in 0..3 {
+                send_with_fds(raw, &[IoSlice::new(&[round; 10])], &[]).unwrap();
+            }
+            let (buf, fds) = tokio::time::timeout(guard, read_all(&mut *r, 30))
+                .await
+                .expect("queued segments were not read");
+            assert_eq!((&buf[..], fds.len()), (&[round; 30][..], 0));
+            let late = tokio::spawn(async move {
+                tokio::task::yield_now().await;
+                send_with_fds(raw, &[IoSlice::new(&[round; 5])], &[]).unwrap();
+            });
+            let (buf, _) = tokio::time::timeout(guard, read_all(&mut *r, 5))
+                .await
+                .expect("a later segment was not read");
+            assert_eq!(&buf[..], &[round; 5][..]);
+            late.await.unwrap();
+        }
+    }
+
     /// One read into two buffers fills the first one's room, then the second's, and
     /// brings the descriptors that came with the bytes.
     #[tokio::test]
     async fn a_read_into_two_buffers_fills_them_in_order() {
-        let (a, b) = UnixStream::pair().unwrap();
-        let (mut r, _w) = Box::new(UnixLink(b)).split();
-        r.enable_fds();
-        let (_ra, wa) = a.into_split();
-        let raw = wa.as_ref().as_raw_fd();
-        let file = std::fs::File::open("/dev/null").unwrap();
-        let data: Vec<u8> = (0..40u8).collect();
-        send_with_fds(raw, &[IoSlice::new(&data)], &[file.as_raw_fd()]).unwrap();
-        // Room for 25 bytes in the first buffer (as the driver limits a body's part).
-        let mut first = BytesMut::with_capacity(64);
-        let rest = first.split_off(25);
-        let mut then = BytesMut::with_capacity(9);
-        let mut fds = Vec::new();
-        let n = tokio::time::timeout(
-            Duration::from_secs(10),
-            poll_fn(|cx| r.poll_read_fds_then(cx, &mut first, &mut then, &mut fds)),
-        )
-        .await
-        .expect("the queued bytes were not read")
-        .unwrap();
-        assert_eq!(n, 34);
-        assert_eq!(&first[..], &data[..25]);
-        assert_eq!(&then[..], &data[25..34]);
-        assert_eq!(fds.len(), 1);
-        drop(rest);
-        // The rest is still there for the next read.
-        let (buf, _) = tokio::time::timeout(Duration::from_secs(10), read_all(&mut *r, 6))
+        // Plain reads (`readv`) before descriptors are enabled, `recvmsg` after.
+        for with_fds in [false, true] {
+            let (a, b) = UnixStream::pair().unwrap();
+            let (mut r, _w) = Box::new(UnixLink(b)).split();
+            if with_fds {
+                r.enable_fds();
+            }
+            let (_ra, wa) = a.into_split();
+            let raw = wa.as_ref().as_raw_fd();
+            let file = std::fs::File::open("/dev/null").unwrap();
+            let data: Vec<u8> = (0..40u8).collect();
+            let passed: &[RawFd] = if with_fds { &[file.as_raw_fd()] } else { &[] };
+            send_with_fds(raw, &[IoSlice::new(&data)], passed).unwrap();
+            // Room for 25 bytes in the first buffer (as the driver limits a body's part).
+            let mut first = BytesMut::with_capacity(64);
+            let rest = first.split_off(25);
+            let mut then = BytesMut::with_capacity(9);
+            let mut fds = Vec::new();
+            let n = tokio::time::timeout(
+                Duration::from_secs(10),
+                poll_fn(|cx| r.poll_read_fds_then(cx, &mut first, &mut then, &mut fds)),
+            )
             .await
-            .expect("the rest was not read");
-        assert_eq!(&buf[..], &data[34..]);
+            .expect("the queued bytes were not read")
+            .unwrap();
+            assert_eq!(n, 34);
+            assert_eq!(&first[..], &data[..25]);
+            assert_eq!(&then[..], &data[25..34]);
+            assert_eq!(fds.len(), passed.len());
+            drop(rest);
+            // The rest is still there for the next read.
+            let (buf, _) = tokio::time::timeout(Duration::from_secs(10), read_all(&mut *r, 6))
+                .await
+                .expect("the rest was not read");
+            assert_eq!(&buf[..], &data[34..]);
+        }
     }
 
     #[derive(serde::Serialize, serde::Deserialize)]
