@@ -416,66 +416,44 @@ mod tests {
 
     /// Segments with and without descriptors queued before a read, and segments that
     /// arrive after a short read: every byte and descriptor is read, nothing waits for an
-    /// event that already happened (the reader clears readiness after short reads).
+    /// event that already happened (the reader clears readiness after short reads). Both
+    /// with plain reads (before descriptors are enabled; none are sent then) and with
+    /// `recvmsg`.
     #[tokio::test]
     async fn short_reads_never_lose_queued_segments() {
         let guard = Duration::from_secs(10);
-        let (a, b) = UnixStream::pair().unwrap();
-        let (mut r, _w) = Box::new(UnixLink(b)).split();
-        r.enable_fds();
-        let (_ra, wa) = a.into_split();
-        let raw = wa.as_ref().as_raw_fd();
-        for round in 0..50u8 {
-            // Plain, then with a descriptor, then plain: all queued before the read.
-            let file = std::fs::File::open("/dev/null").unwrap();
-            send_with_fds(raw, &[IoSlice::new(&[round; 10])], &[]).unwrap();
-            send_with_fds(raw, &[IoSlice::new(&[round; 10])], &[file.as_raw_fd()]).unwrap();
-            send_with_fds(raw, &[IoSlice::new(&[round; 10])], &[]).unwrap();
-            let (buf, fds) = tokio::time::timeout(guard, read_all(&mut *r, 30))
-                .await
-                .expect("queued segments were not read");
-            assert_eq!(&buf[..], &[round; 30][..]);
-            assert_eq!(fds.len(), 1);
-            // A segment that arrives after the reader found the queue empty wakes it.
-            let late = tokio::spawn(async move {
-                tokio::task::yield_now().await;
-                send_with_fds(raw, &[IoSlice::new(&[round; 5])], &[]).unwrap();
-            });
-            let (buf, _) = tokio::time::timeout(guard, read_all(&mut *r, 5))
-                .await
-                .expect("a later segment was not read");
-            assert_eq!(&buf[..], &[round; 5][..]);
-            late.await.unwrap();
-        }
-    }
-
-    /// Before descriptors are enabled the link reads with plain `recv`: segments queued
-    /// before a read all arrive, and a segment that comes after the reader found the
-    /// queue empty wakes it (the short-read shortcut holds for plain reads too).
-    #[tokio::test]
-    async fn plain_reads_never_lose_queued_segments() {
-        let guard = Duration::from_secs(10);
-        let (a, b) = UnixStream::pair().unwrap();
-        let (mut r, _w) = Box::new(UnixLink(b)).split();
-        let (_ra, wa) = a.into_split();
-        let raw = wa.as_ref().as_raw_fd();
-        for round in 0..50u8 {
-            for _ in 0..3 {
-                send_with_fds(raw, &[IoSlice::new(&[round; 10])], &[]).unwrap();
+        for with_fds in [false, true] {
+            let (a, b) = UnixStream::pair().unwrap();
+            let (mut r, _w) = Box::new(UnixLink(b)).split();
+            if with_fds {
+                r.enable_fds();
             }
-            let (buf, fds) = tokio::time::timeout(guard, read_all(&mut *r, 30))
-                .await
-                .expect("queued segments were not read");
-            assert_eq!((&buf[..], fds.len()), (&[round; 30][..], 0));
-            let late = tokio::spawn(async move {
-                tokio::task::yield_now().await;
-                send_with_fds(raw, &[IoSlice::new(&[round; 5])], &[]).unwrap();
-            });
-            let (buf, _) = tokio::time::timeout(guard, read_all(&mut *r, 5))
-                .await
-                .expect("a later segment was not read");
-            assert_eq!(&buf[..], &[round; 5][..]);
-            late.await.unwrap();
+            let (_ra, wa) = a.into_split();
+            let raw = wa.as_ref().as_raw_fd();
+            for round in 0..50u8 {
+                // Plain, then with a descriptor (if enabled), then plain: all queued
+                // before the read.
+                let file = std::fs::File::open("/dev/null").unwrap();
+                let passed: &[RawFd] = if with_fds { &[file.as_raw_fd()] } else { &[] };
+                send_with_fds(raw, &[IoSlice::new(&[round; 10])], &[]).unwrap();
+                send_with_fds(raw, &[IoSlice::new(&[round; 10])], passed).unwrap();
+                send_with_fds(raw, &[IoSlice::new(&[round; 10])], &[]).unwrap();
+                let (buf, fds) = tokio::time::timeout(guard, read_all(&mut *r, 30))
+                    .await
+                    .expect("queued segments were not read");
+                assert_eq!(&buf[..], &[round; 30][..]);
+                assert_eq!(fds.len(), passed.len());
+                // A segment that arrives after the reader found the queue empty wakes it.
+                let late = tokio::spawn(async move {
+                    tokio::task::yield_now().await;
+                    send_with_fds(raw, &[IoSlice::new(&[round; 5])], &[]).unwrap();
+                });
+                let (buf, _) = tokio::time::timeout(guard, read_all(&mut *r, 5))
+                    .await
+                    .expect("a later segment was not read");
+                assert_eq!(&buf[..], &[round; 5][..]);
+                late.await.unwrap();
+            }
         }
     }
 
