@@ -414,6 +414,20 @@ mod tests {
         (buf, fds)
     }
 
+    /// A link's halves over one end of a socket pair (reading descriptors or not), and
+    /// the write half of the other end, to write raw segments into it.
+    fn reader_and_raw_writer(
+        with_fds: bool,
+    ) -> (Box<dyn LinkRead>, Box<dyn LinkWrite>, OwnedWriteHalf) {
+        let (a, b) = UnixStream::pair().unwrap();
+        let (mut r, w) = Box::new(UnixLink(b)).split();
+        if with_fds {
+            r.enable_fds();
+        }
+        let (_ra, wa) = a.into_split();
+        (r, w, wa)
+    }
+
     /// Segments with and without descriptors queued before a read, and segments that
     /// arrive after a short read: every byte and descriptor is read, nothing waits for an
     /// event that already happened (the reader clears readiness after short reads). Both
@@ -423,12 +437,7 @@ mod tests {
     async fn short_reads_never_lose_queued_segments() {
         let guard = Duration::from_secs(10);
         for with_fds in [false, true] {
-            let (a, b) = UnixStream::pair().unwrap();
-            let (mut r, _w) = Box::new(UnixLink(b)).split();
-            if with_fds {
-                r.enable_fds();
-            }
-            let (_ra, wa) = a.into_split();
+            let (mut r, _w, wa) = reader_and_raw_writer(with_fds);
             let raw = wa.as_ref().as_raw_fd();
             for round in 0..50u8 {
                 // Plain, then with a descriptor (if enabled), then plain: all queued
@@ -463,12 +472,7 @@ mod tests {
     async fn a_read_into_two_buffers_fills_them_in_order() {
         // Plain reads (`readv`) before descriptors are enabled, `recvmsg` after.
         for with_fds in [false, true] {
-            let (a, b) = UnixStream::pair().unwrap();
-            let (mut r, _w) = Box::new(UnixLink(b)).split();
-            if with_fds {
-                r.enable_fds();
-            }
-            let (_ra, wa) = a.into_split();
+            let (mut r, _w, wa) = reader_and_raw_writer(with_fds);
             let raw = wa.as_ref().as_raw_fd();
             let file = std::fs::File::open("/dev/null").unwrap();
             let data: Vec<u8> = (0..40u8).collect();
