@@ -228,18 +228,7 @@ impl<T: Message> Sender<T> {
                         error: Error::closed("send after close"),
                     });
                 }
-                let ready = if r.ready.load(Ordering::Relaxed) {
-                    poll_fn(|cx| {
-                        tokio::task::coop::poll_proceed(cx).map(|c| {
-                            c.made_progress();
-                            Ok(())
-                        })
-                    })
-                    .await
-                } else {
-                    poll_fn(|cx| poll_send_ready_coop(r, cx)).await
-                };
-                if let Err(error) = ready {
+                if let Err(error) = poll_fn(|cx| poll_send_ready_coop(r, cx)).await {
                     return Err(SendError {
                         message: value,
                         error,
@@ -467,7 +456,12 @@ impl<T: Message> Sender<T> {
 /// workers) get to run while it produces instead of after.
 fn poll_send_ready_coop(r: &RemoteSender, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
     let coop = std::task::ready!(tokio::task::coop::poll_proceed(cx));
-    let res = std::task::ready!(r.session.conn.poll_send_ready(cx, r.id));
+    // The previous send left room: no need to ask the connection (see `ready`).
+    let res = if r.ready.load(Ordering::Relaxed) {
+        Ok(())
+    } else {
+        std::task::ready!(r.session.conn.poll_send_ready(cx, r.id))
+    };
     coop.made_progress();
     Poll::Ready(res)
 }
