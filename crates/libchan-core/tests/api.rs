@@ -328,3 +328,126 @@ async fn a_panicking_reader_fails_the_session_instead_of_hanging_it() {
     assert_eq!(err.kind(), ErrorKind::ConnectionLost, "{err}");
     assert!(err.to_string().contains("reader task panicked"), "{err}");
 }
+
+/// A byte pipe that counts its non-empty writes.
+struct CountingWrites {
+    io: tokio::io::DuplexStream,
+    writes: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl tokio::io::AsyncRead for CountingWrites {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for CountingWrites {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let r = std::pin::Pin::new(&mut self.io).poll_write(cx, buf);
+        if matches!(r, std::task::Poll::Ready(Ok(n)) if n > 0) {
+            self.writes
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+        r
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Call {
+    n: u32,
+    reply: Sender<u32>,
+}
+
+/// Callers whose answers arrive together run before the writer, so their next requests
+/// leave together: one write for all of them rather than one each. (One worker thread, so
+/// the order is tokio's alone: a task woken from a worker runs right after the waking one.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn requests_of_callers_woken_together_leave_in_few_writes() {
+    use libchan_core::driver::IoLink;
+    use libchan_core::mux::Role;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    const CALLERS: u32 = 16;
+    let config = Config::new(libchan_codec_cbor::Cbor);
+    let writes = Arc::new(AtomicUsize::new(0));
+    let (x, y) = tokio::io::duplex(1 << 20);
+    let x = CountingWrites {
+        io: x,
+        writes: writes.clone(),
+    };
+    let (a, b) = tokio::join!(
+        Session::over_link(IoLink::new(x), Role::Dialer, &config),
+        Session::over_link(IoLink::new(y), Role::Listener, &config)
+    );
+    let (a, b) = (a.expect("dialer"), b.expect("listener"));
+    let tx = a.open::<Call>().await.expect("open");
+    let mut rx = b
+        .accept::<Call>()
+        .await
+        .expect("accept")
+        .expect("a channel");
+    let mut callers = Vec::new();
+    for k in 0..CALLERS {
+        let tx = tx.clone();
+        callers.push(tokio::spawn(async move {
+            for round in 0..2 {
+                let (reply, mut answer) = channel(1);
+                let call = Call { n: k, reply };
+                tx.send(call).await.map_err(|e| e.error).expect("send");
+                let got = answer.recv().await.expect("answer");
+                assert_eq!(got, Some(k + round * 100));
+            }
+        }));
+    }
+    // Answer a whole round at once, so that its answers arrive in one read.
+    let guard = std::time::Duration::from_secs(30);
+    let mut writes_in_round = Vec::new();
+    for round in 0..2 {
+        let mut calls = Vec::new();
+        while calls.len() < CALLERS as usize {
+            let call = tokio::time::timeout(guard, rx.recv())
+                .await
+                .expect("requests within the guard")
+                .expect("recv")
+                .expect("a request");
+            calls.push(call);
+        }
+        writes_in_round.push(writes.load(Ordering::SeqCst));
+        for c in calls {
+            c.reply.send(c.n + round * 100).await.expect("reply");
+        }
+    }
+    for c in callers {
+        tokio::time::timeout(guard, c)
+            .await
+            .expect("callers within the guard")
+            .expect("caller");
+    }
+    let second = writes_in_round[1] - writes_in_round[0];
+    assert!(
+        second <= 4,
+        "{CALLERS} callers woken by one read sent their next requests in {second} writes"
+    );
+}
