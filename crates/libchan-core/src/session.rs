@@ -363,6 +363,14 @@ struct MemSession {
 /// A Sender of some message type, exported on a stream so that it can come back.
 pub(crate) type ExportedSender = Arc<dyn Any + Send + Sync>;
 
+/// What a session remembers about an end it sent, so that the end can come back.
+enum Origin {
+    /// A Sender (one allocation: the `Arc` is stored as it is, not boxed again).
+    Sender(ExportedSender),
+    /// How to get a Receiver sent back (see [`NetSession::export_returned`]).
+    Returned(Box<dyn Any + Send>),
+}
+
 pub(crate) struct NetSession {
     pub(crate) conn: Box<dyn Connection>,
     pub(crate) codec: Arc<dyn Codec>,
@@ -370,7 +378,7 @@ pub(crate) struct NetSession {
     /// types, without the type-erased seam (same bytes).
     #[cfg(feature = "cbor")]
     cbor: bool,
-    origins: Mutex<HashMap<u32, Box<dyn Any + Send>>>,
+    origins: Mutex<HashMap<u32, Origin>>,
     tasks: AtomicUsize,
 }
 
@@ -436,7 +444,7 @@ impl NetSession {
         self.origins
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(id, Box::new(shared));
+            .insert(id, Origin::Sender(shared));
     }
 
     pub(crate) fn unexport(&self, id: u32) {
@@ -453,16 +461,17 @@ impl NetSession {
         self.origins
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(id, Box::new(handle));
+            .insert(id, Origin::Returned(Box::new(handle)));
     }
 
     /// Takes what [`export_returned`](NetSession::export_returned) stored for `id`.
     pub(crate) fn take_returned<H: Send + 'static>(&self, id: u32) -> Option<H> {
         let mut o = self.origins.lock().unwrap_or_else(|e| e.into_inner());
-        if o.get(&id).is_some_and(|b| b.is::<H>()) {
-            o.remove(&id)
-                .and_then(|b| b.downcast::<H>().ok())
-                .map(|b| *b)
+        if matches!(o.get(&id), Some(Origin::Returned(b)) if b.is::<H>()) {
+            match o.remove(&id) {
+                Some(Origin::Returned(b)) => b.downcast::<H>().ok().map(|b| *b),
+                _ => None,
+            }
         } else {
             None
         }
@@ -474,8 +483,10 @@ impl NetSession {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .get(&id)
-            .and_then(|b| b.downcast_ref::<ExportedSender>())
-            .cloned()
+            .and_then(|o| match o {
+                Origin::Sender(s) => Some(s.clone()),
+                Origin::Returned(_) => None,
+            })
     }
 }
 
