@@ -531,9 +531,9 @@ async fn write_loop(shared: Arc<Shared>, mut w: Box<dyn LinkWrite>) {
     let mut pieces: VecDeque<Bytes> = VecDeque::new();
     let mut fds: Vec<OwnedFd> = Vec::new();
     loop {
-        let (lost, drained) = shared.with(|m| {
+        let (lost, drained, more) = shared.with(|m| {
             m.poll_transmit_batch(&mut batch, &mut fds, WRITE_BATCH);
-            (m.lost().is_some(), m.is_drained())
+            (m.lost().is_some(), m.is_drained(), m.wants_transmit())
         });
         if !batch.is_empty() {
             batch.take_pieces(&mut pieces);
@@ -547,9 +547,13 @@ async fn write_loop(shared: Arc<Shared>, mut w: Box<dyn LinkWrite>) {
                 fail_write(&shared, e);
                 return;
             }
-            continue;
-        }
-        if lost || drained {
+            if more || lost || drained {
+                continue;
+            }
+            // Everything that was ready went out, and whatever is queued from now on
+            // notifies us (`Shared::with`): wait without another look at the queue (one
+            // lock less per write; ping-pong 9.05 -> 8.97 µs).
+        } else if lost || drained {
             let _ = poll_fn(|cx| w.poll_shutdown(cx)).await;
             if drained && !lost {
                 // Everything finished; the peer sees our GOAWAY and end of stream.

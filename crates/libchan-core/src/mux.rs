@@ -1400,6 +1400,21 @@ impl Mux {
         }
     }
 
+    /// True if frames are ready to be sent (what [`poll_transmit`](Mux::poll_transmit)
+    /// would return is not empty, credit and descriptors allowing).
+    ///
+    /// ```
+    /// use libchan_core::mux::{Mux, Role};
+    /// use libchan_core::Limits;
+    /// let mut a = Mux::new(Role::Dialer, Limits::default(), vec!["cbor".into()]);
+    /// assert!(a.wants_transmit()); // the HELLO
+    /// a.poll_transmit(&mut bytes::BytesMut::new(), &mut Vec::new(), 1 << 16);
+    /// assert!(!a.wants_transmit());
+    /// ```
+    pub fn wants_transmit(&self) -> bool {
+        !self.ctrl.is_empty() || !self.ready.is_empty()
+    }
+
     /// True once GOAWAY was sent and every stream is gone: the connection may be shut.
     pub fn is_drained(&self) -> bool {
         self.goaway_sent && self.streams.is_empty() && self.ctrl.is_empty()
