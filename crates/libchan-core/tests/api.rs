@@ -249,11 +249,20 @@ async fn remote_send_and_recv_yield_to_other_tasks() {
 /// Two sessions over an in-process byte pipe (a real multiplexer and driver on each side).
 async fn duplex_pair(config: Config) -> (Session, Session) {
     use libchan_core::driver::IoLink;
-    use libchan_core::mux::Role;
     let (x, y) = tokio::io::duplex(1 << 16);
+    sessions_over(IoLink::new(x), IoLink::new(y), &config).await
+}
+
+/// The dialing and the listening session over the two ends of a link, handshake done.
+async fn sessions_over(
+    dialer: impl libchan_core::driver::Link,
+    listener: impl libchan_core::driver::Link,
+    config: &Config,
+) -> (Session, Session) {
+    use libchan_core::mux::Role;
     let (a, b) = tokio::join!(
-        Session::over_link(IoLink::new(x), Role::Dialer, &config),
-        Session::over_link(IoLink::new(y), Role::Listener, &config)
+        Session::over_link(dialer, Role::Dialer, config),
+        Session::over_link(listener, Role::Listener, config)
     );
     (a.expect("dialer"), b.expect("listener"))
 }
@@ -308,17 +317,12 @@ impl libchan_core::driver::Link for PanickingLink {
 #[tokio::test]
 async fn a_panicking_reader_fails_the_session_instead_of_hanging_it() {
     use libchan_core::driver::IoLink;
-    use libchan_core::mux::Role;
     use libchan_core::ErrorKind;
     let config = Config::new(libchan_codec_cbor::Cbor);
     let (x, y) = tokio::io::duplex(1 << 16);
     // HELLO is the first read; the panic comes with the next one (the OPEN).
     let link = PanickingLink { io: y, panic_at: 2 };
-    let (a, b) = tokio::join!(
-        Session::over_link(IoLink::new(x), Role::Dialer, &config),
-        Session::over_link(link, Role::Listener, &config)
-    );
-    let (a, b) = (a.expect("dialer"), b.expect("listener"));
+    let (a, b) = sessions_over(IoLink::new(x), link, &config).await;
     let _tx = a.open::<u32>().await.expect("open");
     let guard = std::time::Duration::from_secs(10);
     let accepted = tokio::time::timeout(guard, b.accept::<u32>())
@@ -386,7 +390,6 @@ struct Call {
 #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
 async fn requests_of_callers_woken_together_leave_in_few_writes() {
     use libchan_core::driver::IoLink;
-    use libchan_core::mux::Role;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Arc;
     const CALLERS: u32 = 16;
@@ -397,11 +400,7 @@ async fn requests_of_callers_woken_together_leave_in_few_writes() {
         io: x,
         writes: writes.clone(),
     };
-    let (a, b) = tokio::join!(
-        Session::over_link(IoLink::new(x), Role::Dialer, &config),
-        Session::over_link(IoLink::new(y), Role::Listener, &config)
-    );
-    let (a, b) = (a.expect("dialer"), b.expect("listener"));
+    let (a, b) = sessions_over(IoLink::new(x), IoLink::new(y), &config).await;
     let tx = a.open::<Call>().await.expect("open");
     let mut rx = b
         .accept::<Call>()
