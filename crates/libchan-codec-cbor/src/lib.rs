@@ -1,7 +1,7 @@
 //! The CBOR codec of libchan (RFC 8949), the default codec.
 //!
-//! Payloads are serde values in CBOR: ciborium writes them, and a built-in slice
-//! deserializer reads them (borrowing strings and byte strings from the input, bounding
+//! Payloads are serde values in CBOR: a built-in serializer writes them (the same bytes
+//! as ciborium), and a built-in slice deserializer reads them (borrowing strings and byte strings from the input, bounding
 //! every length by the bytes left and nesting by [`MAX_DEPTH`]). A reference to a channel
 //! end, byte stream or descriptor is the CBOR tag [`REF_TAG`] (`0x4C43484E`, "LCHN")
 //! around an unsigned integer: the index of the reference in the message's reference

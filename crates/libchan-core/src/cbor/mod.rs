@@ -6,9 +6,10 @@
 //! seam every other codec goes through (erased-serde made a 64-byte message's decode
 //! about five times slower). The bytes are the same either way.
 //!
-//! Payloads are serde values in CBOR: [ciborium] writes them, and a built-in slice
-//! deserializer reads them (borrowing strings and byte strings from the input, bounding
-//! every length by the bytes left and nesting by [`MAX_DEPTH`]). A reference to a channel
+//! Payloads are serde values in CBOR: a built-in serializer writes them (straight into the
+//! message buffer; its bytes are exactly what [ciborium] writes, which the tests check),
+//! and a built-in slice deserializer reads them (borrowing strings and byte strings from
+//! the input, bounding every length by the bytes left and nesting by [`MAX_DEPTH`]). A reference to a channel
 //! end, byte stream or descriptor is the CBOR tag [`REF_TAG`] (`0x4C43484E`, "LCHN")
 //! around an unsigned integer: the index of the reference in the message's reference
 //! table. Encoded, reference 0 is `DA 4C 43 48 4E 00`.
@@ -22,6 +23,7 @@
 //! ```
 
 mod de;
+mod ser;
 
 use serde::Serialize;
 
@@ -48,7 +50,9 @@ pub struct Cbor;
 /// assert_eq!(out, [0x82, 0x01, 0x61, b'a']);
 /// ```
 pub fn encode<T: Serialize + ?Sized>(value: &T, out: &mut Vec<u8>) -> Result<(), Error> {
-    ciborium::ser::into_writer(value, out).map_err(encode_error)
+    value
+        .serialize(&mut ser::Ser::new(out, false))
+        .map_err(encode_error)
 }
 
 /// [`encode`] for a session: a [`Blob`](crate::Blob) that offered its bytes (see
@@ -59,47 +63,13 @@ pub(crate) fn encode_spliced<T: Serialize + ?Sized>(
     value: &T,
     out: &mut Vec<u8>,
 ) -> Result<(), Error> {
-    ciborium::ser::into_writer(value, SpliceOut(out)).map_err(encode_error)
+    value
+        .serialize(&mut ser::Ser::new(out, true))
+        .map_err(encode_error)
 }
 
 fn encode_error(e: impl std::fmt::Display) -> Error {
     Error::new(ErrorKind::Encode, format!("cbor: {e}"))
-}
-
-/// The writer of [`encode_spliced`]: ciborium writes a byte string's contents with one
-/// `write_all` of the serialized slice itself, so an offered blob is recognised by its
-/// address and length.
-struct SpliceOut<'a>(&'a mut Vec<u8>);
-
-impl std::io::Write for SpliceOut<'_> {
-    #[inline]
-    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
-        self.write_all(data)?;
-        Ok(data.len())
-    }
-
-    #[inline]
-    fn write_all(&mut self, data: &[u8]) -> std::io::Result<()> {
-        if data.len() >= crate::blob::SPLICE_MIN && self.spliced(data) {
-            return Ok(());
-        }
-        self.0.extend_from_slice(data);
-        Ok(())
-    }
-
-    #[inline]
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl SpliceOut<'_> {
-    /// True if `data` is an offered blob, now recorded as a splice at the current offset.
-    #[cold]
-    fn spliced(&mut self, data: &[u8]) -> bool {
-        let at = self.0.len();
-        crate::session::with_encode(|ctx| ctx.take_offer(data, at)) == Some(true)
-    }
 }
 
 /// Decodes one value from the whole of `input` (what [`Cbor`]'s [`Codec::decode`] does,
