@@ -71,6 +71,7 @@ impl<'de> De<'de> {
         Err(DeError(format!("{what} at byte {}", self.pos)))
     }
 
+    #[inline]
     fn peek(&self) -> Result<u8> {
         match self.input.get(self.pos) {
             Some(b) => Ok(*b),
@@ -78,6 +79,7 @@ impl<'de> De<'de> {
         }
     }
 
+    #[inline]
     fn take(&mut self, n: usize) -> Result<&'de [u8]> {
         if n > self.remaining() {
             return self.err(format_args!(
@@ -91,6 +93,7 @@ impl<'de> De<'de> {
     }
 
     /// Reads one head: (major type, additional info, argument).
+    #[inline]
     fn head(&mut self) -> Result<(u8, u8, Arg)> {
         let b = self.peek()?;
         self.pos += 1;
@@ -120,6 +123,7 @@ impl<'de> De<'de> {
 
     /// A definite length that must fit in what is left of the input, `per_item` bytes at
     /// least per item.
+    #[inline]
     fn len(&self, v: u64, per_item: u64) -> Result<usize> {
         let left = self.remaining() as u64;
         if v.saturating_mul(per_item) > left {
@@ -128,6 +132,18 @@ impl<'de> De<'de> {
             ));
         }
         Ok(v as usize)
+    }
+
+    /// An unsigned integer visited at once (what `deserialize_any` would visit), anything
+    /// else through `deserialize_any`.
+    #[inline]
+    fn unsigned_or_any<V: Visitor<'de>>(&mut self, visitor: V) -> Result<V::Value> {
+        if self.peek()? >> 5 == 0 {
+            if let (_, _, Arg::Val(v)) = self.head()? {
+                return visitor.visit_u64(v);
+            }
+        }
+        de::Deserializer::deserialize_any(self, visitor)
     }
 
     fn enter(&mut self) -> Result<()> {
@@ -185,6 +201,17 @@ impl<'de> De<'de> {
     }
 }
 
+/// `bytes` as UTF-8 text. Short ASCII strings (field names, variant names) skip the general
+/// validation, whose setup costs more than the check for them.
+#[inline]
+fn text(bytes: &[u8]) -> Option<&str> {
+    if bytes.len() <= 16 && bytes.iter().all(|b| b.is_ascii()) {
+        // SAFETY: every byte is ASCII, and ASCII is valid UTF-8.
+        return Some(unsafe { std::str::from_utf8_unchecked(bytes) });
+    }
+    std::str::from_utf8(bytes).ok()
+}
+
 fn half_to_f64(h: u16) -> f64 {
     let sign = if h & 0x8000 != 0 { -1.0 } else { 1.0 };
     let exp = i32::from((h >> 10) & 0x1F);
@@ -216,10 +243,9 @@ impl<'de> de::Deserializer<'de> for &mut De<'de> {
             (2, Arg::Indefinite) => visitor.visit_byte_buf(self.chunks(2)?),
             (3, Arg::Val(n)) => {
                 let n = self.len(n, 1)?;
-                let s = self.take(n)?;
-                match std::str::from_utf8(s) {
-                    Ok(s) => visitor.visit_borrowed_str(s),
-                    Err(_) => self.err("text string is not UTF-8"),
+                match text(self.take(n)?) {
+                    Some(s) => visitor.visit_borrowed_str(s),
+                    None => self.err("text string is not UTF-8"),
                 }
             }
             (3, Arg::Indefinite) => match String::from_utf8(self.chunks(3)?) {
@@ -396,9 +422,84 @@ impl<'de> de::Deserializer<'de> for &mut De<'de> {
         false
     }
 
+    // The common cases first, each visiting what `deserialize_any` would (so the result
+    // is the same), without going through its whole dispatch.
+
+    #[inline]
+    fn deserialize_u64<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value> {
+        self.unsigned_or_any(visitor)
+    }
+
+    #[inline]
+    fn deserialize_str<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value> {
+        let b = self.peek()?;
+        if b >> 5 == 3 && b & 0x1F != 31 {
+            if let (_, _, Arg::Val(n)) = self.head()? {
+                let n = self.len(n, 1)?;
+                return match text(self.take(n)?) {
+                    Some(s) => visitor.visit_borrowed_str(s),
+                    None => self.err("text string is not UTF-8"),
+                };
+            }
+        }
+        self.deserialize_any(visitor)
+    }
+
+    #[inline]
+    fn deserialize_string<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value> {
+        self.deserialize_str(visitor)
+    }
+
+    #[inline]
+    fn deserialize_identifier<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value> {
+        self.deserialize_str(visitor)
+    }
+
+    #[inline]
+    fn deserialize_bytes<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value> {
+        let b = self.peek()?;
+        if b >> 5 == 2 && b & 0x1F != 31 {
+            if let (_, _, Arg::Val(n)) = self.head()? {
+                let n = self.len(n, 1)?;
+                return visitor.visit_borrowed_bytes(self.take(n)?);
+            }
+        }
+        self.deserialize_any(visitor)
+    }
+
+    #[inline]
+    fn deserialize_byte_buf<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value> {
+        self.deserialize_bytes(visitor)
+    }
+
+    #[inline]
+    fn deserialize_u32<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value> {
+        self.unsigned_or_any(visitor)
+    }
+
+    #[inline]
+    fn deserialize_u16<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value> {
+        self.unsigned_or_any(visitor)
+    }
+
+    #[inline]
+    fn deserialize_u8<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value> {
+        self.unsigned_or_any(visitor)
+    }
+
+    #[inline]
+    fn deserialize_i64<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value> {
+        self.unsigned_or_any(visitor)
+    }
+
+    #[inline]
+    fn deserialize_i32<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value> {
+        self.unsigned_or_any(visitor)
+    }
+
     serde::forward_to_deserialize_any! {
-        bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string
-        bytes byte_buf seq tuple tuple_struct map struct identifier
+        bool i8 i16 i128 u128 f32 f64 char
+        seq tuple tuple_struct map struct
     }
 }
 
@@ -525,5 +626,142 @@ impl<'de> de::VariantAccess<'de> for Enum<'_, 'de> {
     ) -> Result<V::Value> {
         self.expect_data()?;
         de::Deserializer::deserialize_any(&mut *self.de, visitor)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::fmt::Debug;
+
+    use serde::{Deserialize, Serialize};
+
+    /// `v` encoded by ciborium, decoded by ours and by ciborium as a `T`: both agree (on
+    /// the value, or on failing).
+    fn agree<T: Serialize + for<'a> Deserialize<'a> + PartialEq + Debug>(bytes: &[u8]) {
+        let ours = super::super::decode::<T>(bytes).ok();
+        let theirs = ciborium::de::from_reader::<T, _>(bytes).ok();
+        assert_eq!(ours, theirs, "decoding {bytes:02x?}");
+    }
+
+    fn cbor<S: Serialize>(v: &S) -> Vec<u8> {
+        let mut out = Vec::new();
+        ciborium::ser::into_writer(v, &mut out).expect("encodes");
+        out
+    }
+
+    #[derive(Serialize, Deserialize, PartialEq, Debug)]
+    struct Ints {
+        a: u8,
+        b: u16,
+        c: u32,
+        d: u64,
+        e: i8,
+        f: i16,
+        g: i32,
+        h: i64,
+    }
+
+    #[derive(Serialize, Deserialize, PartialEq, Debug)]
+    struct Texts {
+        name: String,
+        #[serde(with = "serde_bytes")]
+        raw: Vec<u8>,
+        #[serde(rename = "ünïcode-field-name-longer-than-16")]
+        long: char,
+        map: BTreeMap<String, String>,
+    }
+
+    #[derive(Serialize, Deserialize, PartialEq, Debug)]
+    enum E {
+        Unit,
+        New(i32),
+        Rec { x: u8 },
+    }
+
+    /// The typed fast paths (integers, text, bytes, identifiers) visit what the general
+    /// path visits: same values, same failures, including for mismatched kinds.
+    #[test]
+    fn fast_paths_agree_with_ciborium() {
+        for x in [
+            0u64,
+            23,
+            24,
+            255,
+            256,
+            65_535,
+            65_536,
+            u64::from(u32::MAX) + 1,
+        ] {
+            let i = x as i64;
+            let ints = (
+                x as u8, x as u16, x as u32, x, i as i8, i as i16, i as i32, -i,
+            );
+            let (a, b, c, d, e, f, g, h) = ints;
+            agree::<Ints>(&cbor(&Ints {
+                a,
+                b,
+                c,
+                d,
+                e,
+                f,
+                g,
+                h,
+            }));
+            agree::<(u8, u16, u32, u64, i8, i16, i32, i64)>(&cbor(&ints));
+            // Out of range or negative where unsigned is expected: both refuse.
+            agree::<u8>(&cbor(&x));
+            agree::<u32>(&cbor(&-(i + 1)));
+            agree::<i64>(&cbor(&u64::MAX));
+        }
+        for name in [
+            "",
+            "a",
+            "seq",
+            "sixteen-chars-ok",
+            "seventeen-chars-x",
+            "é",
+            "日本語",
+        ] {
+            let mut map = BTreeMap::new();
+            map.insert(name.to_string(), name.repeat(3));
+            let t = Texts {
+                name: name.to_string(),
+                raw: name.as_bytes().to_vec(),
+                long: 'ß',
+                map,
+            };
+            agree::<Texts>(&cbor(&t));
+            agree::<String>(&cbor(&name));
+            agree::<serde_bytes::ByteBuf>(&cbor(&serde_bytes::Bytes::new(name.as_bytes())));
+            // (Bytes where text is expected and the other way round are accepted here
+            // when the visitor takes them, unlike ciborium: that is the general path's
+            // behaviour, which the fast paths fall back to for any other kind.)
+        }
+        // Not UTF-8, short and long.
+        agree::<String>(&[0x62, 0xC3, 0x28]);
+        agree::<String>(&[
+            0x78, 0x12, 0xFF, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+        ]);
+        // Indefinite-length text and bytes take the general path.
+        agree::<String>(&[0x7F, 0x61, b'a', 0x61, b'b', 0xFF]);
+        agree::<serde_bytes::ByteBuf>(&[0x5F, 0x41, 1, 0x41, 2, 0xFF]);
+        for e in [E::Unit, E::New(-7), E::Rec { x: 3 }] {
+            agree::<E>(&cbor(&e));
+        }
+        // Truncated input: both fail.
+        let whole = cbor(&Ints {
+            a: 1,
+            b: 300,
+            c: 70_000,
+            d: 1 << 40,
+            e: -1,
+            f: -300,
+            g: -70_000,
+            h: -(1 << 40),
+        });
+        for n in 0..whole.len() {
+            agree::<Ints>(&whole[..n]);
+        }
     }
 }
