@@ -222,16 +222,6 @@ impl OutMessage {
         v
     }
 
-    /// The message's parts when no blob was spliced in: the buffer and the descriptors;
-    /// otherwise the message itself, back.
-    pub(crate) fn into_unspliced(self) -> Result<(Vec<u8>, Vec<OwnedFd>), OutMessage> {
-        if self.splices.is_empty() {
-            Ok((self.buf, self.fds))
-        } else {
-            Err(self)
-        }
-    }
-
     /// The message's bytes as shared pieces in order (none empty), and its descriptors.
     pub(crate) fn into_shared_pieces(self) -> (Vec<Bytes>, Vec<OwnedFd>) {
         let layout: Vec<Piece> = self.layout().collect();

@@ -881,46 +881,51 @@ impl Mux {
             }
         }
         let s = self.streams.get_mut(&id).expect("checked above");
-        match msg.into_unspliced() {
-            Ok((buf, fds)) => {
-                let small = fds.is_empty() && buf.len() <= COALESCE_MAX;
-                match s.queue.back_mut() {
-                    Some(Chunk {
-                        data: ChunkData::Owned(v),
-                        coalesced: true,
-                        ..
-                    }) if small && v.len() + buf.len() <= COALESCE_CHUNK => {
-                        v.extend_from_slice(&buf);
-                    }
-                    // Its own buffer starts the chunk; later small ones append to it.
-                    _ => s.queue.push_back(Chunk {
-                        data: ChunkData::Owned(buf),
-                        pos: 0,
-                        fds,
-                        message: true,
-                        coalesced: small,
-                    }),
+        // The message's parts are taken where it lies: moving the whole `OutMessage` (it
+        // is large) cost more than queueing a small one.
+        if msg.splices.is_empty() {
+            let (buf, fds) = (std::mem::take(&mut msg.buf), std::mem::take(&mut msg.fds));
+            let small = fds.is_empty() && buf.len() <= COALESCE_MAX;
+            match s.queue.back_mut() {
+                Some(Chunk {
+                    data: ChunkData::Owned(v),
+                    coalesced: true,
+                    ..
+                }) if small && v.len() + buf.len() <= COALESCE_CHUNK => {
+                    v.extend_from_slice(&buf);
                 }
+                // Its own buffer starts the chunk; later small ones append to it.
+                _ => s.queue.push_back(Chunk {
+                    data: ChunkData::Owned(buf),
+                    pos: 0,
+                    fds,
+                    message: true,
+                    coalesced: small,
+                }),
             }
-            Err(msg) => {
-                // The first piece starts with the message header (never spliced); the
-                // rest continue the message like byte-stream data.
-                let (pieces, fds) = msg.into_shared_pieces();
-                let mut fds = Some(fds);
-                for data in pieces {
-                    let first = fds.is_some();
-                    s.queue.push_back(Chunk {
-                        data: ChunkData::Shared(data),
-                        pos: 0,
-                        fds: fds.take().unwrap_or_default(),
-                        message: first,
-                        coalesced: false,
-                    });
-                }
+        } else {
+            // The first piece starts with the message header (never spliced); the
+            // rest continue the message like byte-stream data.
+            let (pieces, fds) = msg.into_shared_pieces();
+            let mut fds = Some(fds);
+            for data in pieces {
+                let first = fds.is_some();
+                s.queue.push_back(Chunk {
+                    data: ChunkData::Shared(data),
+                    pos: 0,
+                    fds: fds.take().unwrap_or_default(),
+                    message: first,
+                    coalesced: false,
+                });
             }
         }
         s.pending += len;
-        self.mark_ready(id);
+        // `mark_ready`, with the stream at hand.
+        if !s.in_ready && s.sendable() {
+            s.in_ready = true;
+            self.ready.push_back(id);
+            self.flush = true;
+        }
         Ok(ids)
     }
 
