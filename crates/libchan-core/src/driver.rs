@@ -706,11 +706,13 @@ impl Connection for MuxConnection {
         self.shared.with(|m| m.send_message(id, msg))
     }
 
-    fn send_message_then_ready(&self, id: u32, msg: OutMessage) -> Result<(Vec<u32>, bool), Error> {
-        self.shared.with(|m| {
-            m.send_message(id, msg)
-                .map(|ids| (ids, m.send_ready_now(id)))
-        })
+    fn send_message_then_ready(
+        &self,
+        id: u32,
+        mut msg: OutMessage,
+    ) -> Result<(Vec<u32>, bool), Error> {
+        self.shared
+            .with(|m| m.send_message_then_ready(id, &mut msg))
     }
 
     fn poll_recv(&self, cx: &mut Context<'_>, id: u32) -> Poll<Result<Option<InMessage>, Error>> {

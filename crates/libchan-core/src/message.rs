@@ -222,6 +222,17 @@ impl OutMessage {
         v
     }
 
+    /// Moves the message out of `self`, leaving it empty.
+    pub(crate) fn take(&mut self) -> OutMessage {
+        OutMessage {
+            buf: std::mem::take(&mut self.buf),
+            splices: std::mem::take(&mut self.splices),
+            payload_len: self.payload_len,
+            refs: std::mem::take(&mut self.refs),
+            fds: std::mem::take(&mut self.fds),
+        }
+    }
+
     /// The message's bytes as shared pieces in order (none empty), and its descriptors.
     pub(crate) fn into_shared_pieces(self) -> (Vec<Bytes>, Vec<OwnedFd>) {
         let layout: Vec<Piece> = self.layout().collect();

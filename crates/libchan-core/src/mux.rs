@@ -809,6 +809,19 @@ impl Mux {
     /// Queues a message on channel stream `id`, opening the streams it references.
     /// Returns the ids assigned to its [`OutRef::New`] references, in order.
     pub fn send_message(&mut self, id: u32, mut msg: OutMessage) -> Result<Vec<u32>, Error> {
+        self.send_message_then_ready(id, &mut msg)
+            .map(|(ids, _)| ids)
+    }
+
+    /// [`send_message`](Mux::send_message), also saying whether the channel can take
+    /// another message right away (what [`send_ready_now`](Mux::send_ready_now) would
+    /// say after it). The message is taken from `msg` when it is queued and left there
+    /// on error; by reference, the (large) message is not moved on the way.
+    pub(crate) fn send_message_then_ready(
+        &mut self,
+        id: u32,
+        msg: &mut OutMessage,
+    ) -> Result<(Vec<u32>, bool), Error> {
         if let Some(e) = &self.lost {
             return Err(e.clone());
         }
@@ -820,6 +833,7 @@ impl Mux {
             peer.max_refs_per_message,
             peer.max_fds_per_message,
         );
+        let threshold = self.send_threshold();
         let len = msg.len();
         if len > max_msg as usize {
             return Err(Error::limit(
@@ -906,7 +920,7 @@ impl Mux {
         } else {
             // The first piece starts with the message header (never spliced); the
             // rest continue the message like byte-stream data.
-            let (pieces, fds) = msg.into_shared_pieces();
+            let (pieces, fds) = msg.take().into_shared_pieces();
             let mut fds = Some(fds);
             for data in pieces {
                 let first = fds.is_some();
@@ -920,13 +934,15 @@ impl Mux {
             }
         }
         s.pending += len;
+        // `send_ready_now` (the connection is not lost, the channel open: checked above).
+        let ready = s.pending < threshold;
         // `mark_ready`, with the stream at hand.
         if !s.in_ready && s.sendable() {
             s.in_ready = true;
             self.ready.push_back(id);
             self.flush = true;
         }
-        Ok(ids)
+        Ok((ids, ready))
     }
 
     fn mark_ready(&mut self, id: u32) {
