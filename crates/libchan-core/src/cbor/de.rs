@@ -10,7 +10,7 @@ use std::fmt;
 
 use serde::de::{self, DeserializeSeed, Visitor};
 
-use super::{MAX_DEPTH, REF_TAG};
+use super::{CborError, MAX_DEPTH, REF_TAG};
 
 /// The newtype-struct name through which [`super::Cbor::read_ref`] asks for a reference.
 pub(crate) const REF_NAME: &str = "\0libchan-cbor-ref";
@@ -19,25 +19,7 @@ const TAG_BIGPOS: u64 = 2;
 const TAG_BIGNEG: u64 = 3;
 const BREAK: u8 = 0xFF;
 
-/// A decode error: what went wrong and at which byte offset.
-#[derive(Debug)]
-pub(crate) struct DeError(String);
-
-impl fmt::Display for DeError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for DeError {}
-
-impl de::Error for DeError {
-    fn custom<T: fmt::Display>(msg: T) -> Self {
-        DeError(msg.to_string())
-    }
-}
-
-type Result<T> = std::result::Result<T, DeError>;
+type Result<T> = std::result::Result<T, CborError>;
 
 /// Deserializer state: the whole input, the read position and the current nesting depth.
 pub(crate) struct De<'de> {
@@ -68,7 +50,7 @@ impl<'de> De<'de> {
     }
 
     fn err<T>(&self, what: impl fmt::Display) -> Result<T> {
-        Err(DeError(format!("{what} at byte {}", self.pos)))
+        Err(CborError(format!("{what} at byte {}", self.pos)))
     }
 
     #[inline]
@@ -224,8 +206,19 @@ fn half_to_f64(h: u16) -> f64 {
     }
 }
 
+/// Integer methods of the deserializer: an unsigned integer is visited at once
+/// ([`De::unsigned_or_any`]), anything else through `deserialize_any`.
+macro_rules! unsigned_or_any {
+    ($($method:ident),*) => {$(
+        #[inline]
+        fn $method<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value> {
+            self.unsigned_or_any(visitor)
+        }
+    )*};
+}
+
 impl<'de> de::Deserializer<'de> for &mut De<'de> {
-    type Error = DeError;
+    type Error = CborError;
 
     fn deserialize_any<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value> {
         let start = self.pos;
@@ -425,10 +418,14 @@ impl<'de> de::Deserializer<'de> for &mut De<'de> {
     // The common cases first, each visiting what `deserialize_any` would (so the result
     // is the same), without going through its whole dispatch.
 
-    #[inline]
-    fn deserialize_u64<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value> {
-        self.unsigned_or_any(visitor)
-    }
+    unsigned_or_any!(
+        deserialize_u64,
+        deserialize_u32,
+        deserialize_u16,
+        deserialize_u8,
+        deserialize_i64,
+        deserialize_i32
+    );
 
     #[inline]
     fn deserialize_str<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value> {
@@ -470,31 +467,6 @@ impl<'de> de::Deserializer<'de> for &mut De<'de> {
     #[inline]
     fn deserialize_byte_buf<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value> {
         self.deserialize_bytes(visitor)
-    }
-
-    #[inline]
-    fn deserialize_u32<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value> {
-        self.unsigned_or_any(visitor)
-    }
-
-    #[inline]
-    fn deserialize_u16<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value> {
-        self.unsigned_or_any(visitor)
-    }
-
-    #[inline]
-    fn deserialize_u8<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value> {
-        self.unsigned_or_any(visitor)
-    }
-
-    #[inline]
-    fn deserialize_i64<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value> {
-        self.unsigned_or_any(visitor)
-    }
-
-    #[inline]
-    fn deserialize_i32<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value> {
-        self.unsigned_or_any(visitor)
     }
 
     serde::forward_to_deserialize_any! {
@@ -539,7 +511,7 @@ impl Items<'_, '_> {
 }
 
 impl<'de> de::SeqAccess<'de> for Items<'_, 'de> {
-    type Error = DeError;
+    type Error = CborError;
 
     fn next_element_seed<T: DeserializeSeed<'de>>(&mut self, seed: T) -> Result<Option<T::Value>> {
         if !self.next()? {
@@ -554,7 +526,7 @@ impl<'de> de::SeqAccess<'de> for Items<'_, 'de> {
 }
 
 impl<'de> de::MapAccess<'de> for Items<'_, 'de> {
-    type Error = DeError;
+    type Error = CborError;
 
     fn next_key_seed<K: DeserializeSeed<'de>>(&mut self, seed: K) -> Result<Option<K::Value>> {
         if !self.next()? {
@@ -589,7 +561,7 @@ impl Enum<'_, '_> {
 }
 
 impl<'de> de::EnumAccess<'de> for Enum<'_, 'de> {
-    type Error = DeError;
+    type Error = CborError;
     type Variant = Self;
 
     fn variant_seed<V: DeserializeSeed<'de>>(self, seed: V) -> Result<(V::Value, Self)> {
@@ -599,7 +571,7 @@ impl<'de> de::EnumAccess<'de> for Enum<'_, 'de> {
 }
 
 impl<'de> de::VariantAccess<'de> for Enum<'_, 'de> {
-    type Error = DeError;
+    type Error = CborError;
 
     fn unit_variant(self) -> Result<()> {
         if self.data {

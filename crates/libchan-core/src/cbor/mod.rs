@@ -31,6 +31,31 @@ use crate::{Codec, Error, ErrorKind};
 use ciborium::tag::Required;
 use serde::{Deserialize, Deserializer};
 
+/// An encode or decode error of the built-in serializer and deserializer: what went
+/// wrong (where, for a decode: the byte offset).
+#[derive(Debug)]
+pub(crate) struct CborError(String);
+
+impl std::fmt::Display for CborError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for CborError {}
+
+impl serde::de::Error for CborError {
+    fn custom<T: std::fmt::Display>(msg: T) -> Self {
+        CborError(msg.to_string())
+    }
+}
+
+impl serde::ser::Error for CborError {
+    fn custom<T: std::fmt::Display>(msg: T) -> Self {
+        CborError(msg.to_string())
+    }
+}
+
 /// The CBOR tag that marks a reference.
 pub const REF_TAG: u64 = 0x4C43_484E;
 

@@ -7,9 +7,9 @@
 //! double precision that keeps the value, integers beyond 64 bits as bignums, ciborium's
 //! tag types), so peers cannot tell the two apart; the tests compare both on a corpus.
 
-use std::fmt;
-
 use serde::ser::{self, Serialize};
+
+use super::CborError;
 
 const TAG_BIGPOS: u64 = 2;
 const TAG_BIGNEG: u64 = 3;
@@ -21,25 +21,7 @@ const TAG_ENUM: &str = "@@TAG@@";
 const TAGGED: &str = "@@TAGGED@@";
 const UNTAGGED: &str = "@@UNTAGGED@@";
 
-/// An encode error (raised by a value's `Serialize`, or a malformed tag).
-#[derive(Debug)]
-pub(crate) struct SerError(String);
-
-impl fmt::Display for SerError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for SerError {}
-
-impl ser::Error for SerError {
-    fn custom<T: fmt::Display>(msg: T) -> Self {
-        SerError(msg.to_string())
-    }
-}
-
-type Result<T> = std::result::Result<T, SerError>;
+type Result<T> = std::result::Result<T, CborError>;
 
 /// The serializer: the output buffer and whether offered blobs may be spliced.
 pub(crate) struct Ser<'a> {
@@ -123,7 +105,7 @@ impl Collection<'_, '_> {
 
 impl<'s, 'a> ser::Serializer for &'s mut Ser<'a> {
     type Ok = ();
-    type Error = SerError;
+    type Error = CborError;
     type SerializeSeq = Collection<'s, 'a>;
     type SerializeTuple = Collection<'s, 'a>;
     type SerializeTupleStruct = Collection<'s, 'a>;
@@ -208,7 +190,7 @@ impl<'s, 'a> ser::Serializer for &'s mut Ser<'a> {
     fn serialize_f64(self, v: f64) -> Result<()> {
         // The shortest precision that keeps the value, exactly as ciborium picks it (its
         // half-precision conversion included): rare enough on the hot path to borrow.
-        ciborium::ser::into_writer(&v, &mut *self.out).map_err(|e| SerError(e.to_string()))
+        ciborium::ser::into_writer(&v, &mut *self.out).map_err(|e| CborError(e.to_string()))
     }
 
     fn serialize_char(self, v: char) -> Result<()> {
@@ -363,58 +345,41 @@ impl<'s, 'a> ser::Serializer for &'s mut Ser<'a> {
     }
 }
 
-impl ser::SerializeSeq for Collection<'_, '_> {
-    type Ok = ();
-    type Error = SerError;
+/// The collection traits whose items are written one after the other.
+macro_rules! items {
+    ($($trait:ident :: $method:ident),*) => {$(
+        impl ser::$trait for Collection<'_, '_> {
+            type Ok = ();
+            type Error = CborError;
 
-    fn serialize_element<T: ?Sized + Serialize>(&mut self, value: &T) -> Result<()> {
-        value.serialize(&mut *self.ser)
-    }
+            fn $method<T: ?Sized + Serialize>(&mut self, value: &T) -> Result<()> {
+                value.serialize(&mut *self.ser)
+            }
 
-    fn end(self) -> Result<()> {
-        self.finish();
-        Ok(())
-    }
+            fn end(self) -> Result<()> {
+                self.finish();
+                Ok(())
+            }
+        }
+    )*};
 }
 
-impl ser::SerializeTuple for Collection<'_, '_> {
-    type Ok = ();
-    type Error = SerError;
-
-    fn serialize_element<T: ?Sized + Serialize>(&mut self, value: &T) -> Result<()> {
-        value.serialize(&mut *self.ser)
-    }
-
-    fn end(self) -> Result<()> {
-        self.finish();
-        Ok(())
-    }
-}
-
-impl ser::SerializeTupleStruct for Collection<'_, '_> {
-    type Ok = ();
-    type Error = SerError;
-
-    fn serialize_field<T: ?Sized + Serialize>(&mut self, value: &T) -> Result<()> {
-        value.serialize(&mut *self.ser)
-    }
-
-    fn end(self) -> Result<()> {
-        self.finish();
-        Ok(())
-    }
-}
+items!(
+    SerializeSeq::serialize_element,
+    SerializeTuple::serialize_element,
+    SerializeTupleStruct::serialize_field
+);
 
 impl ser::SerializeTupleVariant for Collection<'_, '_> {
     type Ok = ();
-    type Error = SerError;
+    type Error = CborError;
 
     fn serialize_field<T: ?Sized + Serialize>(&mut self, value: &T) -> Result<()> {
         if self.tag {
             self.tag = false;
             let tag = value
                 .serialize(TagNumber)
-                .map_err(|_| SerError("expected tag".into()))?;
+                .map_err(|_| CborError("expected tag".into()))?;
             self.ser.head(6, tag);
             return Ok(());
         }
@@ -429,7 +394,7 @@ impl ser::SerializeTupleVariant for Collection<'_, '_> {
 
 impl ser::SerializeMap for Collection<'_, '_> {
     type Ok = ();
-    type Error = SerError;
+    type Error = CborError;
 
     fn serialize_key<T: ?Sized + Serialize>(&mut self, key: &T) -> Result<()> {
         key.serialize(&mut *self.ser)
@@ -445,43 +410,40 @@ impl ser::SerializeMap for Collection<'_, '_> {
     }
 }
 
-impl ser::SerializeStruct for Collection<'_, '_> {
-    type Ok = ();
-    type Error = SerError;
+/// The collection traits whose items are fields: name, then value.
+macro_rules! fields {
+    ($($trait:ident),*) => {$(
+        impl ser::$trait for Collection<'_, '_> {
+            type Ok = ();
+            type Error = CborError;
 
-    #[inline]
-    fn serialize_field<T: ?Sized + Serialize>(
-        &mut self,
-        key: &'static str,
-        value: &T,
-    ) -> Result<()> {
-        self.ser.text(key);
-        value.serialize(&mut *self.ser)
-    }
+            #[inline]
+            fn serialize_field<T: ?Sized + Serialize>(
+                &mut self,
+                key: &'static str,
+                value: &T,
+            ) -> Result<()> {
+                self.ser.text(key);
+                value.serialize(&mut *self.ser)
+            }
 
-    fn end(self) -> Result<()> {
-        self.finish();
-        Ok(())
-    }
+            fn end(self) -> Result<()> {
+                self.finish();
+                Ok(())
+            }
+        }
+    )*};
 }
 
-impl ser::SerializeStructVariant for Collection<'_, '_> {
-    type Ok = ();
-    type Error = SerError;
+fields!(SerializeStruct, SerializeStructVariant);
 
-    fn serialize_field<T: ?Sized + Serialize>(
-        &mut self,
-        key: &'static str,
-        value: &T,
-    ) -> Result<()> {
-        self.ser.text(key);
-        value.serialize(&mut *self.ser)
-    }
-
-    fn end(self) -> Result<()> {
-        self.finish();
-        Ok(())
-    }
+/// Methods of [`TagNumber`] for every other kind of value: not a tag number.
+macro_rules! not_tags {
+    ($($method:ident($ty:ty)),*) => {$(
+        fn $method(self, _: $ty) -> Result<u64> {
+            Err(not_tag())
+        }
+    )*};
 }
 
 /// Reads the tag number of a ciborium tag type: an unsigned integer, nothing else.
@@ -489,14 +451,14 @@ struct TagNumber;
 
 impl ser::Serializer for TagNumber {
     type Ok = u64;
-    type Error = SerError;
-    type SerializeSeq = ser::Impossible<u64, SerError>;
-    type SerializeTuple = ser::Impossible<u64, SerError>;
-    type SerializeTupleStruct = ser::Impossible<u64, SerError>;
-    type SerializeTupleVariant = ser::Impossible<u64, SerError>;
-    type SerializeMap = ser::Impossible<u64, SerError>;
-    type SerializeStruct = ser::Impossible<u64, SerError>;
-    type SerializeStructVariant = ser::Impossible<u64, SerError>;
+    type Error = CborError;
+    type SerializeSeq = ser::Impossible<u64, CborError>;
+    type SerializeTuple = ser::Impossible<u64, CborError>;
+    type SerializeTupleStruct = ser::Impossible<u64, CborError>;
+    type SerializeTupleVariant = ser::Impossible<u64, CborError>;
+    type SerializeMap = ser::Impossible<u64, CborError>;
+    type SerializeStruct = ser::Impossible<u64, CborError>;
+    type SerializeStructVariant = ser::Impossible<u64, CborError>;
 
     fn serialize_u8(self, v: u8) -> Result<u64> {
         Ok(v.into())
@@ -510,36 +472,20 @@ impl ser::Serializer for TagNumber {
     fn serialize_u64(self, v: u64) -> Result<u64> {
         Ok(v)
     }
-    fn serialize_bool(self, _: bool) -> Result<u64> {
-        Err(not_tag())
-    }
-    fn serialize_i8(self, _: i8) -> Result<u64> {
-        Err(not_tag())
-    }
-    fn serialize_i16(self, _: i16) -> Result<u64> {
-        Err(not_tag())
-    }
-    fn serialize_i32(self, _: i32) -> Result<u64> {
-        Err(not_tag())
-    }
-    fn serialize_i64(self, _: i64) -> Result<u64> {
-        Err(not_tag())
-    }
-    fn serialize_f32(self, _: f32) -> Result<u64> {
-        Err(not_tag())
-    }
-    fn serialize_f64(self, _: f64) -> Result<u64> {
-        Err(not_tag())
-    }
-    fn serialize_char(self, _: char) -> Result<u64> {
-        Err(not_tag())
-    }
-    fn serialize_str(self, _: &str) -> Result<u64> {
-        Err(not_tag())
-    }
-    fn serialize_bytes(self, _: &[u8]) -> Result<u64> {
-        Err(not_tag())
-    }
+    not_tags!(
+        serialize_bool(bool),
+        serialize_i8(i8),
+        serialize_i16(i16),
+        serialize_i32(i32),
+        serialize_i64(i64),
+        serialize_f32(f32),
+        serialize_f64(f64),
+        serialize_char(char),
+        serialize_str(&str),
+        serialize_bytes(&[u8]),
+        serialize_unit_struct(&'static str)
+    );
+
     fn serialize_none(self) -> Result<u64> {
         Err(not_tag())
     }
@@ -547,9 +493,6 @@ impl ser::Serializer for TagNumber {
         Err(not_tag())
     }
     fn serialize_unit(self) -> Result<u64> {
-        Err(not_tag())
-    }
-    fn serialize_unit_struct(self, _: &'static str) -> Result<u64> {
         Err(not_tag())
     }
     fn serialize_unit_variant(self, _: &'static str, _: u32, _: &'static str) -> Result<u64> {
@@ -610,8 +553,8 @@ impl ser::Serializer for TagNumber {
     }
 }
 
-fn not_tag() -> SerError {
-    SerError("expected tag".into())
+fn not_tag() -> CborError {
+    CborError("expected tag".into())
 }
 
 #[cfg(test)]
