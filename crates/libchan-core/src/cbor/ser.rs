@@ -1,7 +1,8 @@
 //! A serde serializer that appends CBOR to a `Vec<u8>`.
 //!
 //! Written for libchan's send path: it writes heads and contents straight into the
-//! message buffer, with the reference tag and blob splices handled natively. Its output is
+//! message buffer, and handles blob splices and ciborium's tag types (libchan's reference
+//! tag is written through one) itself. Its output is
 //! byte for byte what ciborium 0.2 writes for the same value (minimal-length heads,
 //! definite lengths where serde knows them, floats in the shortest of half, single and
 //! double precision that keeps the value, integers beyond 64 bits as bignums, ciborium's
