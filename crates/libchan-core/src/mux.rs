@@ -936,22 +936,24 @@ impl Mux {
         s.pending += len;
         // `send_ready_now` (the connection is not lost, the channel open: checked above).
         let ready = s.pending < threshold;
-        // `mark_ready`, with the stream at hand.
-        if !s.in_ready && s.sendable() {
-            s.in_ready = true;
-            self.ready.push_back(id);
-            self.flush = true;
-        }
+        // With the stream at hand (no second lookup).
+        Self::mark_stream_ready(&mut self.ready, &mut self.flush, id, s);
         Ok((ids, ready))
     }
 
     fn mark_ready(&mut self, id: u32) {
         if let Some(s) = self.streams.get_mut(&id) {
-            if !s.in_ready && s.sendable() {
-                s.in_ready = true;
-                self.ready.push_back(id);
-                self.flush = true;
-            }
+            Self::mark_stream_ready(&mut self.ready, &mut self.flush, id, s);
+        }
+    }
+
+    /// Puts stream `id` (`s`) in the ready queue if it has something to send and is not
+    /// there yet, and asks for the writer.
+    fn mark_stream_ready(ready: &mut VecDeque<u32>, flush: &mut bool, id: u32, s: &mut Stream) {
+        if !s.in_ready && s.sendable() {
+            s.in_ready = true;
+            ready.push_back(id);
+            *flush = true;
         }
     }
 

@@ -9,10 +9,10 @@
 //! Payloads are serde values in CBOR: a built-in serializer writes them (straight into the
 //! message buffer; its bytes are exactly what [ciborium] writes, which the tests check),
 //! and a built-in slice deserializer reads them (borrowing strings and byte strings from
-//! the input, bounding every length by the bytes left and nesting by [`MAX_DEPTH`]). A reference to a channel
-//! end, byte stream or descriptor is the CBOR tag [`REF_TAG`] (`0x4C43484E`, "LCHN")
-//! around an unsigned integer: the index of the reference in the message's reference
-//! table. Encoded, reference 0 is `DA 4C 43 48 4E 00`.
+//! the input, bounding every length by the bytes left and nesting by [`MAX_DEPTH`]). A
+//! reference to a channel end, byte stream or descriptor is the CBOR tag [`REF_TAG`]
+//! (`0x4C43484E`, "LCHN") around an unsigned integer: the index of the reference in the
+//! message's reference table. Encoded, reference 0 is `DA 4C 43 48 4E 00`.
 //!
 //! ```
 //! use libchan_core::cbor::Cbor;
