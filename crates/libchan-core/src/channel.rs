@@ -7,7 +7,7 @@ use std::future::Future;
 use std::marker::PhantomData;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll};
 
 use serde::ser::Error as _;
@@ -40,20 +40,19 @@ pub(crate) enum Item<T> {
 /// # }
 /// ```
 pub fn channel<T: Send + 'static>(buffer: usize) -> (Sender<T>, Receiver<T>) {
-    let (tx, rx) = mpsc::channel(buffer.max(1));
-    let feeds = Arc::new(Feeds::default());
+    let shared = Arc::new(Local::new(buffer.max(1), 1));
     (
         Sender {
             inner: SenderInner::Local(LocalSender {
-                tx,
-                feeds: feeds.clone(),
+                shared: shared.clone(),
+                tx: OnceLock::new(),
             }),
         },
         Receiver {
             slot: Arc::new(Mutex::new(Some(RecvInner::Local {
-                rx,
+                rx: None,
                 done: false,
-                feeds,
+                shared,
                 turn: 0,
             }))),
         },
@@ -74,9 +73,125 @@ enum SenderInner<T> {
 }
 
 struct LocalSender<T> {
-    tx: mpsc::Sender<Item<T>>,
-    /// Shared by the channel's ends (its `closed` flag is the senders' too).
-    feeds: Arc<Feeds>,
+    /// Shared by the channel's ends.
+    shared: Arc<Local<T>>,
+    /// This handle's clone of the queue's sender, taken on its first local send.
+    tx: OnceLock<mpsc::Sender<Item<T>>>,
+}
+
+/// The state of a local channel, shared by its ends.
+///
+/// The queue of local sends (a tokio `mpsc`) is created on the first local send: a
+/// channel whose Sender only travels (a reply Sender in a request, say) never needs it,
+/// and creating one costs an aligned allocation, a block of slots, and (freed on another
+/// thread) the allocator's locks.
+struct Local<T> {
+    /// The channel's remote senders (its `closed` flag is the local senders' too).
+    feeds: Feeds,
+    /// The queue's capacity.
+    buffer: usize,
+    /// Local sender handles alive.
+    senders: AtomicUsize,
+    lazy: Mutex<LazyQueue<T>>,
+}
+
+struct LazyQueue<T> {
+    /// The queue's own sender, kept while sender handles live (each handle sends on a
+    /// clone of it): dropped with the last handle, which ends the queue.
+    tx: Option<mpsc::Sender<Item<T>>>,
+    /// The queue's receiving half, until the channel's receiver takes it.
+    rx: Option<mpsc::Receiver<Item<T>>>,
+    /// The last sender handle is gone.
+    senders_gone: bool,
+    /// The receiver was closed or dropped: no queue is created any more.
+    rx_closed: bool,
+}
+
+impl<T> Local<T> {
+    fn new(buffer: usize, senders: usize) -> Self {
+        Local {
+            feeds: Feeds::default(),
+            buffer,
+            senders: AtomicUsize::new(senders),
+            lazy: Mutex::new(LazyQueue {
+                tx: None,
+                rx: None,
+                senders_gone: senders == 0,
+                rx_closed: false,
+            }),
+        }
+    }
+
+    fn lazy(&self) -> std::sync::MutexGuard<'_, LazyQueue<T>> {
+        self.lazy.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A sender of the queue, created if needed; `None` once the receiver is gone.
+    fn queue_tx(&self) -> Option<mpsc::Sender<Item<T>>> {
+        let mut lazy = self.lazy();
+        if let Some(tx) = &lazy.tx {
+            return Some(tx.clone());
+        }
+        if lazy.rx_closed {
+            return None;
+        }
+        let (tx, rx) = mpsc::channel(self.buffer);
+        lazy.tx = Some(tx.clone());
+        lazy.rx = Some(rx);
+        drop(lazy);
+        // The receiver may be waiting on the feeds alone: it takes the queue when polled.
+        self.feeds.wake();
+        Some(tx)
+    }
+
+    /// Marks the receiver gone and hands over the queue if it was not taken yet.
+    fn close_rx(&self, rx: &mut Option<mpsc::Receiver<Item<T>>>) {
+        let mut lazy = self.lazy();
+        lazy.rx_closed = true;
+        if rx.is_none() {
+            *rx = lazy.rx.take();
+        }
+        drop(lazy);
+        if let Some(rx) = rx {
+            rx.close();
+        }
+    }
+
+    fn is_rx_closed(&self) -> bool {
+        self.lazy().rx_closed
+    }
+}
+
+impl<T> LocalSender<T> {
+    /// This handle's queue sender (the queue is created on first use); `None` once the
+    /// receiver is gone.
+    fn tx(&self) -> Option<&mpsc::Sender<Item<T>>> {
+        if self.tx.get().is_none() {
+            let tx = self.shared.queue_tx()?;
+            // Another send of this handle may have set it meanwhile: the same queue.
+            let _ = self.tx.set(tx);
+        }
+        self.tx.get()
+    }
+}
+
+impl<T> Drop for LocalSender<T> {
+    fn drop(&mut self) {
+        if self.shared.senders.fetch_sub(1, Ordering::AcqRel) != 1 {
+            return;
+        }
+        let mut lazy = self.shared.lazy();
+        lazy.senders_gone = true;
+        let root = lazy.tx.take();
+        drop(lazy);
+        match root {
+            // The queue ends when this handle's own clone goes too (tokio wakes the
+            // receiver).
+            Some(root) => drop(root),
+            // No queue: the receiver learns of the end from the flag.
+            None => self.shared.feeds.wake(),
+        }
+    }
 }
 
 /// Streams on which peers send into a local channel: one per copy of the channel's
@@ -119,9 +234,19 @@ impl Feeds {
 impl Feeds {
     fn add(&self, r: RemoteReceiver) {
         self.list.lock().unwrap_or_else(|e| e.into_inner()).push(r);
+        self.wake();
+    }
+
+    /// Wakes the receiver if it waits.
+    fn wake(&self) {
         if let Some(w) = self.waker.lock().unwrap_or_else(|e| e.into_inner()).take() {
             w.wake();
         }
+    }
+
+    /// Forgets the receiver's waker (the receiver is going away).
+    fn forget_waker(&self) {
+        self.waker.lock().unwrap_or_else(|e| e.into_inner()).take();
     }
 
     /// Drops every feed (the peers' sends then fail) and forgets their exports.
@@ -155,10 +280,17 @@ impl<T> Clone for Sender<T> {
     fn clone(&self) -> Self {
         Sender {
             inner: match &self.inner {
-                SenderInner::Local(l) => SenderInner::Local(LocalSender {
-                    tx: l.tx.clone(),
-                    feeds: l.feeds.clone(),
-                }),
+                SenderInner::Local(l) => {
+                    l.shared.senders.fetch_add(1, Ordering::Relaxed);
+                    let tx = OnceLock::new();
+                    if let Some(t) = l.tx.get() {
+                        let _ = tx.set(t.clone());
+                    }
+                    SenderInner::Local(LocalSender {
+                        shared: l.shared.clone(),
+                        tx,
+                    })
+                }
                 SenderInner::Remote(r, _) => SenderInner::Remote(r.clone(), PhantomData),
             },
         }
@@ -207,13 +339,19 @@ impl<T: Message> Sender<T> {
     pub async fn send(&self, value: T) -> Result<(), SendError<T>> {
         match &self.inner {
             SenderInner::Local(l) => {
-                if l.feeds.closed.load(Ordering::Acquire) {
+                if l.shared.feeds.closed.load(Ordering::Acquire) {
                     return Err(SendError {
                         message: value,
                         error: Error::closed("send after close"),
                     });
                 }
-                l.tx.send(Item::Value(value)).await.map_err(|e| SendError {
+                let Some(tx) = l.tx() else {
+                    return Err(SendError {
+                        message: value,
+                        error: Error::new(ErrorKind::Reset, "receiver dropped"),
+                    });
+                };
+                tx.send(Item::Value(value)).await.map_err(|e| SendError {
                     message: match e.0 {
                         Item::Value(v) => v,
                         _ => unreachable!("sent a value"),
@@ -251,13 +389,19 @@ impl<T: Message> Sender<T> {
     pub fn try_send(&self, value: T) -> Result<(), TrySendError<T>> {
         match &self.inner {
             SenderInner::Local(l) => {
-                if l.feeds.closed.load(Ordering::Acquire) {
+                if l.shared.feeds.closed.load(Ordering::Acquire) {
                     return Err(TrySendError::Failed(SendError {
                         message: value,
                         error: Error::closed("send after close"),
                     }));
                 }
-                l.tx.try_send(Item::Value(value)).map_err(|e| match e {
+                let Some(tx) = l.tx() else {
+                    return Err(TrySendError::Failed(SendError {
+                        message: value,
+                        error: Error::new(ErrorKind::Reset, "receiver dropped"),
+                    }));
+                };
+                tx.try_send(Item::Value(value)).map_err(|e| match e {
                     mpsc::error::TrySendError::Full(Item::Value(v)) => TrySendError::Full(v),
                     mpsc::error::TrySendError::Closed(Item::Value(v)) => {
                         TrySendError::Failed(SendError {
@@ -330,15 +474,14 @@ impl<T: Message> Sender<T> {
     async fn end(&self, error: Option<String>) {
         match &self.inner {
             SenderInner::Local(l) => {
-                if l.feeds.closed.swap(true, Ordering::AcqRel) {
+                if l.shared.feeds.closed.swap(true, Ordering::AcqRel) {
                     return;
                 }
+                let Some(tx) = l.tx() else { return };
                 if let Some(m) = error {
-                    let _ =
-                        l.tx.send(Item::Error(Error::new(ErrorKind::Remote, m)))
-                            .await;
+                    let _ = tx.send(Item::Error(Error::new(ErrorKind::Remote, m))).await;
                 }
-                let _ = l.tx.send(Item::End).await;
+                let _ = tx.send(Item::End).await;
             }
             SenderInner::Remote(r, _) => {
                 if r.closed.swap(true, Ordering::AcqRel) {
@@ -364,7 +507,11 @@ impl<T: Message> Sender<T> {
     /// ```
     pub async fn closed(&self) {
         match &self.inner {
-            SenderInner::Local(l) => l.tx.closed().await,
+            SenderInner::Local(l) => {
+                if let Some(tx) = l.tx() {
+                    tx.closed().await
+                }
+            }
             SenderInner::Remote(r, _) => {
                 poll_fn(|cx| r.session.conn.poll_send_closed(cx, r.id)).await
             }
@@ -419,7 +566,7 @@ impl<T: Message> Sender<T> {
         self.close().await;
         match &self.inner {
             SenderInner::Local(l) => {
-                if l.feeds.end_taken().await {
+                if l.shared.feeds.end_taken().await {
                     Ok(())
                 } else {
                     Err(Error::closed(
@@ -443,7 +590,7 @@ impl<T: Message> Sender<T> {
     /// ```
     pub fn same_channel(&self, other: &Sender<T>) -> bool {
         match (&self.inner, &other.inner) {
-            (SenderInner::Local(a), SenderInner::Local(b)) => a.tx.same_channel(&b.tx),
+            (SenderInner::Local(a), SenderInner::Local(b)) => Arc::ptr_eq(&a.shared, &b.shared),
             (SenderInner::Remote(a, _), SenderInner::Remote(b, _)) => Arc::ptr_eq(a, b),
             _ => false,
         }
@@ -525,9 +672,10 @@ pub struct Receiver<T> {
 
 enum RecvInner<T> {
     Local {
-        rx: mpsc::Receiver<Item<T>>,
+        /// The queue of local sends, once a local send created it.
+        rx: Option<mpsc::Receiver<Item<T>>>,
         done: bool,
-        feeds: Arc<Feeds>,
+        shared: Arc<Local<T>>,
         turn: usize,
     },
     Remote(RemoteReceiver),
@@ -639,9 +787,9 @@ impl<T: Message> Receiver<T> {
     /// ```
     pub fn close(&mut self) {
         let mut slot = self.slot.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(RecvInner::Local { rx, feeds, .. }) = slot.as_mut() {
-            rx.close();
-            feeds.clear();
+        if let Some(RecvInner::Local { rx, shared, .. }) = slot.as_mut() {
+            shared.close_rx(rx);
+            shared.feeds.clear();
         }
     }
 }
@@ -719,24 +867,41 @@ fn poll_inner<T: Message>(inner: &mut RecvInner<T>, cx: &mut Context<'_>) -> Ste
         RecvInner::Local {
             rx,
             done,
-            feeds,
+            shared,
             turn,
         } => {
             if *done {
                 return Step::Ready(Poll::Ready(Ok(None)));
             }
-            let has_feeds = match poll_feeds::<T>(feeds, turn, cx) {
+            // Registers the waker that a queue's creation or the last sender's drop wakes.
+            let has_feeds = match poll_feeds::<T>(&shared.feeds, turn, cx) {
                 FeedPoll::Ready(r) => return Step::Ready(Poll::Ready(r)),
                 FeedPoll::Pending { any } => any,
             };
-            Step::Ready(match rx.poll_recv(cx) {
+            let queued = match rx {
+                Some(rx) => rx.poll_recv(cx),
+                None => {
+                    let mut lazy = shared.lazy();
+                    match lazy.rx.take() {
+                        Some(r) => {
+                            drop(lazy);
+                            rx.insert(r).poll_recv(cx)
+                        }
+                        // No queue, and no sender handle left or the receiver closed:
+                        // the queue's end.
+                        None if lazy.senders_gone || lazy.rx_closed => Poll::Ready(None),
+                        None => Poll::Pending,
+                    }
+                }
+            };
+            Step::Ready(match queued {
                 Poll::Pending => Poll::Pending,
                 Poll::Ready(None) if has_feeds => Poll::Pending,
                 Poll::Ready(None) | Poll::Ready(Some(Item::End)) => {
                     *done = true;
-                    rx.close();
-                    feeds.clear();
-                    feeds.set_end(true);
+                    shared.close_rx(rx);
+                    shared.feeds.clear();
+                    shared.feeds.set_end(true);
                     Poll::Ready(Ok(None))
                 }
                 Poll::Ready(Some(Item::Value(v))) => Poll::Ready(Ok(Some(v))),
@@ -760,9 +925,9 @@ fn poll_inner<T: Message>(inner: &mut RecvInner<T>, cx: &mut Context<'_>) -> Ste
                 Poll::Ready(Ok(original)) => Step::Switch(original),
                 // The forwarding task ended on its own: everything came through `first`.
                 Poll::Ready(Err(_)) => Step::Switch(RecvInner::Local {
-                    rx: mpsc::channel(1).1,
+                    rx: None,
                     done: true,
-                    feeds: Arc::new(Feeds::default()),
+                    shared: Arc::new(Local::new(1, 0)),
                     turn: 0,
                 }),
             }
@@ -776,17 +941,20 @@ impl<T> Drop for Receiver<T> {
         // still queued and releases what those messages reference); a local channel's
         // feeds are dropped and forgotten here.
         let taken = self.slot.lock().unwrap_or_else(|e| e.into_inner()).take();
-        if let Some(RecvInner::Local { mut rx, feeds, .. }) = taken {
+        if let Some(RecvInner::Local { mut rx, shared, .. }) = taken {
             // The channel keeps the waker of the last poll until its last sender is gone,
             // and clearing the feeds below may drop that sender: it would wake the task
             // that is dropping this receiver, which tokio then reschedules behind the
             // others and hands to an idle worker thread (a futex wake per reply in the
-            // request/reply pattern). Replace that waker with one that does nothing.
-            rx.close();
-            let _ = rx.poll_recv(&mut Context::from_waker(std::task::Waker::noop()));
-            drop(rx);
-            feeds.clear();
-            feeds.set_end(false);
+            // request/reply pattern). Forget the feeds' waker, and replace the queue's
+            // with one that does nothing.
+            shared.feeds.forget_waker();
+            shared.close_rx(&mut rx);
+            if let Some(mut rx) = rx {
+                let _ = rx.poll_recv(&mut Context::from_waker(std::task::Waker::noop()));
+            }
+            shared.feeds.clear();
+            shared.feeds.set_end(false);
         }
     }
 }
@@ -944,13 +1112,13 @@ impl<T: Message> Attach for SenderAttach<T> {
         session.export_sender(id, tx.clone());
         if let SenderInner::Local(l) = &tx.inner {
             let feed = RemoteReceiver::new(session.clone(), id);
-            if l.tx.is_closed() {
+            if l.shared.is_rx_closed() {
                 // Nobody receives any more: refuse the peer's messages at once.
                 drop(feed);
                 session.unexport(id);
             } else {
                 // The channel's receiver reads the new stream itself.
-                l.feeds.add(feed);
+                l.shared.feeds.add(feed);
             }
             return;
         }
@@ -988,7 +1156,9 @@ impl<T: Message> Attach for SenderAttach<T> {
 async fn forward_error<T: Message>(tx: &Sender<T>, e: Error) {
     match &tx.inner {
         SenderInner::Local(l) => {
-            let _ = l.tx.send(Item::Error(e)).await;
+            if let Some(tx) = l.tx() {
+                let _ = tx.send(Item::Error(e)).await;
+            }
         }
         SenderInner::Remote(..) => {
             if !e.is_decode() {

@@ -450,3 +450,97 @@ async fn requests_of_callers_woken_together_leave_in_few_writes() {
         "{CALLERS} callers woken by one read sent their next requests in {second} writes"
     );
 }
+
+/// A local channel creates its queue on the first local send: a receiver already waiting
+/// then is woken, and one whose senders all go without sending sees the clean end.
+#[tokio::test(flavor = "current_thread")]
+async fn a_local_receiver_waiting_before_the_first_send_is_woken() {
+    use std::time::Duration;
+    let guard = Duration::from_secs(10);
+
+    let (tx, mut rx) = channel::<u32>(2);
+    let got = tokio::spawn(async move {
+        let first = rx.recv().await;
+        let second = rx.recv().await;
+        (first.unwrap(), second.unwrap())
+    });
+    // The receiver runs first and waits on a channel that has no queue yet.
+    tokio::task::yield_now().await;
+    let other = tx.clone();
+    tx.send(1).await.unwrap();
+    drop(tx);
+    drop(other);
+    let got = tokio::time::timeout(guard, got)
+        .await
+        .expect("woken")
+        .unwrap();
+    assert_eq!(got, (Some(1), None));
+
+    // Never a local send: the last sender's drop ends the waiting receiver.
+    let (tx, mut rx) = channel::<u32>(1);
+    let clone = tx.clone();
+    let got = tokio::spawn(async move { rx.recv().await.unwrap() });
+    tokio::task::yield_now().await;
+    drop(tx);
+    tokio::task::yield_now().await;
+    assert!(!got.is_finished(), "ended while a clone was alive");
+    drop(clone);
+    let got = tokio::time::timeout(guard, got)
+        .await
+        .expect("woken")
+        .unwrap();
+    assert_eq!(got, None);
+}
+
+/// Before any local send, a dropped or closed receiver still fails sends and ends
+/// `closed()`, as a receiver of a queue does.
+#[tokio::test(flavor = "current_thread")]
+async fn a_receiver_gone_before_the_first_send_is_seen_by_senders() {
+    use std::time::Duration;
+    let guard = Duration::from_secs(10);
+
+    let (tx, rx) = channel::<u32>(1);
+    let waiting = tokio::spawn({
+        let tx = tx.clone();
+        async move { tx.closed().await }
+    });
+    tokio::task::yield_now().await;
+    drop(rx);
+    tokio::time::timeout(guard, waiting)
+        .await
+        .expect("closed() ended")
+        .unwrap();
+    tokio::time::timeout(guard, tx.closed())
+        .await
+        .expect("closed() at once");
+    let e = tx.send(3).await.unwrap_err();
+    assert_eq!(e.error.kind(), libchan_core::ErrorKind::Reset);
+    assert_eq!(e.into_inner(), 3);
+    match tx.try_send(4) {
+        Err(TrySendError::Failed(e)) => assert_eq!(e.into_inner(), 4),
+        _ => panic!("try_send to a dropped receiver"),
+    }
+
+    let (tx, mut rx) = channel::<u32>(1);
+    rx.close();
+    assert!(tx.send(5).await.is_err());
+    assert_eq!(rx.recv().await.unwrap(), None);
+}
+
+/// A reply Sender that only travels: the answer comes through its stream, then the end
+/// when the peer drops it, without a local queue in between.
+#[tokio::test]
+async fn a_travelling_reply_sender_delivers_then_ends() {
+    let (a, b) = duplex_pair(Config::new(libchan_codec_cbor::Cbor)).await;
+    let tx = a.open::<Sender<u8>>().await.unwrap();
+    let mut rx = b.accept::<Sender<u8>>().await.unwrap().unwrap();
+    for round in 0..3u8 {
+        let (reply, mut answer) = channel::<u8>(1);
+        tx.send(reply).await.unwrap();
+        let back = rx.recv().await.unwrap().unwrap();
+        back.send(round).await.unwrap();
+        drop(back);
+        assert_eq!(answer.recv().await.unwrap(), Some(round));
+        assert_eq!(answer.recv().await.unwrap(), None);
+    }
+}
