@@ -614,7 +614,11 @@ fn poll_send_ready_coop(r: &RemoteSender, cx: &mut Context<'_>) -> Poll<Result<(
 }
 
 fn remote_send<T: Message>(r: &Arc<RemoteSender>, value: T) -> Result<(), SendError<T>> {
+    // A few bytes of slack: the next message is often the same but for an integer that
+    // got a longer CBOR head (a counter, a sequence number), which would otherwise cost a
+    // reallocation of the whole buffer.
     let hint = r.size_hint.load(Ordering::Relaxed);
+    let hint = hint + hint / 16 + 16;
     let (msg, attach) = match encode_message(&r.session, &value, Vec::with_capacity(hint)) {
         Ok(x) => x,
         Err(error) => {

@@ -906,6 +906,11 @@ impl Mux {
                     coalesced: true,
                     ..
                 }) if small && v.len() + buf.len() <= COALESCE_CHUNK => {
+                    if v.capacity() - v.len() < buf.len() {
+                        // Grow once to a whole chunk rather than by doubling (each step
+                        // a reallocation and a copy, on whichever thread sends).
+                        v.reserve(COALESCE_CHUNK - v.len());
+                    }
                     v.extend_from_slice(&buf);
                 }
                 // Its own buffer starts the chunk; later small ones append to it.
