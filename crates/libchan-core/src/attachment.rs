@@ -188,7 +188,7 @@ impl Attachment {
             let mut out = Vec::new();
             let mut i = 0usize;
             while i < ctx.refs.len() {
-                if !ctx.used[i] {
+                if !ctx.used.get(i) {
                     out.push(claim(ctx, i as u32, None).map_err(Error::decode)?);
                 }
                 i += 1;

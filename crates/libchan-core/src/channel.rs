@@ -12,6 +12,7 @@ use std::task::{Context, Poll};
 
 use serde::ser::Error as _;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use smallvec::SmallVec;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::error::{Error, ErrorKind, SendError, TrySendError};
@@ -201,7 +202,8 @@ impl<T> Drop for LocalSender<T> {
 pub(crate) struct Feeds {
     /// Some clone of the channel's Sender called `close`: later sends fail.
     closed: AtomicBool,
-    list: Mutex<Vec<RemoteReceiver>>,
+    /// Usually one (a reply Sender sent once): kept inline, no allocation.
+    list: Mutex<SmallVec<[RemoteReceiver; 1]>>,
     waker: Mutex<Option<std::task::Waker>>,
     /// The receiver took the clean end (`Some(true)`) or was dropped first (`Some(false)`).
     end: Mutex<Option<bool>>,

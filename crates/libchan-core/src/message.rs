@@ -126,9 +126,12 @@ pub struct OutMessage {
     /// increasing offset order.
     pub(crate) splices: Vec<(usize, Bytes)>,
     pub(crate) payload_len: usize,
-    pub(crate) refs: Vec<OutRef>,
+    pub(crate) refs: OutRefs,
     pub(crate) fds: Vec<OwnedFd>,
 }
+
+/// The references of a message being sent: usually none or one, kept inline.
+pub(crate) type OutRefs = smallvec::SmallVec<[OutRef; 2]>;
 
 impl fmt::Debug for OutMessage {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -160,7 +163,7 @@ impl OutMessage {
     /// assert_eq!(m.to_vec(), [0, 0, 0, 1, 0, 0, 0, 0, 0xF6]);
     /// ```
     pub fn finish(buf: Vec<u8>, refs: Vec<OutRef>, fds: Vec<OwnedFd>) -> OutMessage {
-        Self::finish_spliced(buf, Vec::new(), refs, fds)
+        Self::finish_spliced(buf, Vec::new(), OutRefs::from_vec(refs), fds)
     }
 
     /// [`finish`](OutMessage::finish) for a payload with spliced blobs (offsets in `buf`,
@@ -168,7 +171,7 @@ impl OutMessage {
     pub(crate) fn finish_spliced(
         mut buf: Vec<u8>,
         splices: Vec<(usize, Bytes)>,
-        refs: Vec<OutRef>,
+        refs: OutRefs,
         fds: Vec<OwnedFd>,
     ) -> OutMessage {
         debug_assert!(splices.windows(2).all(|w| w[0].0 <= w[1].0));

@@ -506,11 +506,12 @@ pub(crate) trait Attach: Send {
 }
 
 /// The attachments of an encoded message, one slot per reference.
-pub(crate) type Attachments = Vec<Option<Box<dyn Attach>>>;
+/// The attachments of a message being sent (usually none or one, kept inline).
+pub(crate) type Attachments = smallvec::SmallVec<[Option<Box<dyn Attach>>; 2]>;
 
 pub(crate) struct EncodeCtx<'a> {
     pub(crate) session: &'a Arc<NetSession>,
-    pub(crate) refs: Vec<OutRef>,
+    pub(crate) refs: crate::message::OutRefs,
     pub(crate) attach: Attachments,
     pub(crate) fds: Vec<OwnedFd>,
     /// True if the encoder splices blobs (see [`crate::Blob`]): blobs offer their bytes.
@@ -584,8 +585,39 @@ pub(crate) struct DecodeCtx<'a> {
     pub(crate) payload: &'a Bytes,
     pub(crate) parent: u32,
     pub(crate) refs: &'a [WireRef],
-    pub(crate) used: Vec<bool>,
+    pub(crate) used: Used,
     pub(crate) fds: Vec<Option<OwnedFd>>,
+}
+
+/// Which references of a message were claimed: bits for up to 64 (no allocation for the
+/// usual message), a vector beyond.
+pub(crate) struct Used {
+    bits: u64,
+    more: Vec<bool>,
+}
+
+impl Used {
+    fn new(n: usize) -> Used {
+        Used {
+            bits: 0,
+            more: if n > 64 { vec![false; n] } else { Vec::new() },
+        }
+    }
+
+    /// Reference `i` (in range) was claimed.
+    pub(crate) fn get(&self, i: usize) -> bool {
+        match self.more.get(i) {
+            Some(u) => *u,
+            None => self.bits & (1 << i) != 0,
+        }
+    }
+
+    fn set(&mut self, i: usize) {
+        match self.more.get_mut(i) {
+            Some(u) => *u = true,
+            None => self.bits |= 1 << i,
+        }
+    }
 }
 
 impl DecodeCtx<'_> {
@@ -608,7 +640,7 @@ impl DecodeCtx<'_> {
                 self.refs.len()
             ));
         };
-        if self.used[i] {
+        if self.used.get(i) {
             return Err(format!("reference {index} used twice"));
         }
         if !kinds.contains(&r.kind) {
@@ -617,7 +649,7 @@ impl DecodeCtx<'_> {
                 r.kind, kinds
             ));
         }
-        self.used[i] = true;
+        self.used.set(i);
         Ok(*r)
     }
 }
@@ -671,8 +703,8 @@ pub(crate) fn encode_message<T: Message>(
 ) -> Result<(OutMessage, Attachments), Error> {
     let mut ctx = EncodeCtx {
         session,
-        refs: Vec::new(),
-        attach: Vec::new(),
+        refs: Default::default(),
+        attach: Default::default(),
         fds: Vec::new(),
         splicing: session.typed_cbor(),
         offers: Vec::new(),
@@ -726,7 +758,7 @@ pub(crate) fn decode_message<T: Message>(
         payload: &payload,
         parent,
         refs: &refs,
-        used: vec![false; refs.len()],
+        used: Used::new(refs.len()),
         fds: fds.into_iter().map(Some).collect(),
     };
     let prev =
@@ -761,6 +793,20 @@ mod tests {
         #[serde(with = "serde_bytes")]
         small: &'a [u8],
         b: Vec<&'a serde_bytes::Bytes>,
+    }
+
+    #[test]
+    fn used_marks_each_reference_once_below_and_above_64() {
+        for n in [1usize, 3, 64, 65, 200] {
+            let mut u = Used::new(n);
+            for i in (0..n).step_by(3) {
+                assert!(!u.get(i), "{n}: {i} claimed before");
+                u.set(i);
+            }
+            for i in 0..n {
+                assert_eq!(u.get(i), i % 3 == 0, "{n}: {i}");
+            }
+        }
     }
 
     async fn net_pair() -> (Session, Session) {
