@@ -176,9 +176,11 @@ pub trait Connection: Send + Sync + fmt::Debug + 'static {
         self.finish(id);
         self.release(id);
     }
-    /// Called once for every received message after it was decoded (or not): releases
-    /// the streams it references that the decoder did not claim, and unpins the local
-    /// Sender streams it sent back (PROTOCOL.md §7, "Sent back").
+    /// Called once for a received message after it was decoded (or not) when it has
+    /// something to release: releases the streams it references that the decoder did not
+    /// claim, and unpins the local Sender streams it sent back (PROTOCOL.md §7, "Sent
+    /// back"). Not called for a message whose references were all claimed and none of
+    /// which is a Sender stream of this side.
     fn release_refs(&self, refs: &[WireRef]);
     /// Starts a graceful close (no new channels; existing ones finish).
     fn close(&self);

@@ -765,9 +765,20 @@ pub(crate) fn decode_message<T: Message>(
         DECODE.with(|c| c.replace(Some(NonNull::from(&mut ctx).cast::<DecodeCtx<'static>>())));
     let res = session.decode_payload::<T>(&payload);
     DECODE.with(|c| c.set(prev));
-    if !refs.is_empty() {
-        // Streams the decoder did not claim are released; Senders sent back are unpinned.
-        session.conn.release_refs(&refs);
+    // Streams the decoder did not claim are released; Senders sent back are unpinned.
+    // When every stream was claimed and none is one of ours, there is nothing to do (the
+    // usual request with a reply Sender): the connection is not asked.
+    let conn = &session.conn;
+    let to_release = refs.iter().enumerate().any(|(i, r)| {
+        let ours = conn.is_local(r.id);
+        match r.kind {
+            RefKind::Sender if ours => true,
+            RefKind::Fd => false,
+            _ => !ours && !ctx.used.get(i),
+        }
+    });
+    if to_release {
+        conn.release_refs(&refs);
     }
     res
 }
