@@ -896,6 +896,16 @@ fn poll_inner<T: Message>(inner: &mut RecvInner<T>, cx: &mut Context<'_>) -> Ste
                         // No queue, and no sender handle left or the receiver closed:
                         // the queue's end.
                         None if lazy.senders_gone || lazy.rx_closed => Poll::Ready(None),
+                        // Waiting with no remote sender: the senders are local (or moved
+                        // within the process), so the queue will be used. Creating it here,
+                        // on the receiver's thread, spares the first send the creation and
+                        // the extra wake-up (in-memory rpc: a quarter of its throughput).
+                        None if !has_feeds => {
+                            let (tx, r) = mpsc::channel(shared.buffer);
+                            lazy.tx = Some(tx);
+                            drop(lazy);
+                            rx.insert(r).poll_recv(cx)
+                        }
                         None => Poll::Pending,
                     }
                 }

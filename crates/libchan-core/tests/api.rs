@@ -451,8 +451,63 @@ async fn requests_of_callers_woken_together_leave_in_few_writes() {
     );
 }
 
-/// A local channel creates its queue on the first local send: a receiver already waiting
-/// then is woken, and one whose senders all go without sending sees the clean end.
+/// A local channel whose Sender went out over a session creates its queue only on a
+/// first local send (the receiver reads the session's stream alone until then): a
+/// receiver already waiting is woken by that send, and one whose local senders all go
+/// without sending sees the clean end once the remote copy ends too.
+#[tokio::test(flavor = "current_thread")]
+async fn a_receiver_waiting_on_a_sent_sender_is_woken_by_the_first_local_send() {
+    use std::time::Duration;
+    let guard = Duration::from_secs(10);
+    let (a, b) = duplex_pair(Config::new(libchan_codec_cbor::Cbor)).await;
+    let tx = a.open::<Sender<u32>>().await.unwrap();
+    let mut rx = b.accept::<Sender<u32>>().await.unwrap().unwrap();
+
+    let (reply, mut answer) = channel::<u32>(2);
+    let local = reply.clone();
+    tx.send(reply).await.unwrap();
+    let remote = rx.recv().await.unwrap().unwrap();
+    let (seen_tx, mut seen) = tokio::sync::mpsc::unbounded_channel();
+    let got = tokio::spawn(async move {
+        while let Some(v) = answer.recv().await.unwrap() {
+            seen_tx.send(v).unwrap();
+        }
+    });
+    // The receiver runs first and waits on the remote stream, with no queue yet.
+    tokio::task::yield_now().await;
+    local.send(1).await.unwrap();
+    let first = tokio::time::timeout(guard, seen.recv()).await;
+    assert_eq!(first.expect("woken by the first local send"), Some(1));
+    remote.send(2).await.unwrap();
+    assert_eq!(seen.recv().await, Some(2));
+    drop(local);
+    drop(remote);
+    tokio::time::timeout(guard, got)
+        .await
+        .expect("ended")
+        .unwrap();
+    assert_eq!(seen.recv().await, None);
+
+    // Never a local send: the end comes when the last copy, the remote one, goes.
+    let (reply, mut answer) = channel::<u32>(1);
+    let local = reply.clone();
+    tx.send(reply).await.unwrap();
+    let remote = rx.recv().await.unwrap().unwrap();
+    let got = tokio::spawn(async move { answer.recv().await.unwrap() });
+    tokio::task::yield_now().await;
+    drop(local);
+    tokio::task::yield_now().await;
+    assert!(!got.is_finished(), "ended while the remote copy was alive");
+    drop(remote);
+    let got = tokio::time::timeout(guard, got)
+        .await
+        .expect("woken")
+        .unwrap();
+    assert_eq!(got, None);
+}
+
+/// A local receiver waiting before the first send of a purely local channel is woken by
+/// it, and sees the end when every sender goes.
 #[tokio::test(flavor = "current_thread")]
 async fn a_local_receiver_waiting_before_the_first_send_is_woken() {
     use std::time::Duration;
@@ -464,7 +519,6 @@ async fn a_local_receiver_waiting_before_the_first_send_is_woken() {
         let second = rx.recv().await;
         (first.unwrap(), second.unwrap())
     });
-    // The receiver runs first and waits on a channel that has no queue yet.
     tokio::task::yield_now().await;
     let other = tx.clone();
     tx.send(1).await.unwrap();
@@ -475,21 +529,6 @@ async fn a_local_receiver_waiting_before_the_first_send_is_woken() {
         .expect("woken")
         .unwrap();
     assert_eq!(got, (Some(1), None));
-
-    // Never a local send: the last sender's drop ends the waiting receiver.
-    let (tx, mut rx) = channel::<u32>(1);
-    let clone = tx.clone();
-    let got = tokio::spawn(async move { rx.recv().await.unwrap() });
-    tokio::task::yield_now().await;
-    drop(tx);
-    tokio::task::yield_now().await;
-    assert!(!got.is_finished(), "ended while a clone was alive");
-    drop(clone);
-    let got = tokio::time::timeout(guard, got)
-        .await
-        .expect("woken")
-        .unwrap();
-    assert_eq!(got, None);
 }
 
 /// Before any local send, a dropped or closed receiver still fails sends and ends
