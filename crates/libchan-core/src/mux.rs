@@ -907,9 +907,16 @@ impl Mux {
                     ..
                 }) if small && v.len() + buf.len() <= COALESCE_CHUNK => {
                     if v.capacity() - v.len() < buf.len() {
-                        // Grow once to a whole chunk rather than by doubling (each step
-                        // a reallocation and a copy, on whichever thread sends).
-                        v.reserve(COALESCE_CHUNK - v.len());
+                        // Grow in two steps, to 4 KiB then a whole chunk, rather than by
+                        // doubling from the first message's size (each step a reallocation
+                        // and a copy, on whichever thread sends); a stream with little
+                        // queued (many channels, a few messages each) stays small.
+                        let to = if v.capacity() < COALESCE_CHUNK / 4 {
+                            COALESCE_CHUNK / 4
+                        } else {
+                            COALESCE_CHUNK
+                        };
+                        v.reserve(to.saturating_sub(v.len()).max(buf.len()));
                     }
                     v.extend_from_slice(&buf);
                 }
