@@ -82,10 +82,11 @@ struct LocalSender<T> {
 
 /// The state of a local channel, shared by its ends.
 ///
-/// The queue of local sends (a tokio `mpsc`) is created on the first local send: a
-/// channel whose Sender only travels (a reply Sender in a request, say) never needs it,
-/// and creating one costs an aligned allocation, a block of slots, and (freed on another
-/// thread) the allocator's locks.
+/// The queue of local sends (a tokio `mpsc`) is created on the first local send, or by
+/// the receiver when it waits while no Sender went out over a session: a channel whose
+/// Sender only travels (a reply Sender in a request, say) never needs it, and creating
+/// one costs an aligned allocation, a block of slots, and (freed on another thread) the
+/// allocator's locks.
 struct Local<T> {
     /// The channel's remote senders (its `closed` flag is the local senders' too).
     feeds: Feeds,

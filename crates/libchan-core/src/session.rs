@@ -604,18 +604,20 @@ impl Used {
         }
     }
 
-    /// Reference `i` (in range) was claimed.
+    /// Reference `i` was claimed (false for an index out of range).
     pub(crate) fn get(&self, i: usize) -> bool {
         match self.more.get(i) {
             Some(u) => *u,
-            None => self.bits & (1 << i) != 0,
+            None => i < 64 && self.bits & (1 << i) != 0,
         }
     }
 
+    /// Marks reference `i` claimed (callers check the range first; beyond it, nothing).
     fn set(&mut self, i: usize) {
         match self.more.get_mut(i) {
             Some(u) => *u = true,
-            None => self.bits |= 1 << i,
+            None if i < 64 => self.bits |= 1 << i,
+            None => {}
         }
     }
 }
@@ -817,6 +819,7 @@ mod tests {
             for i in 0..n {
                 assert_eq!(u.get(i), i % 3 == 0, "{n}: {i}");
             }
+            assert!(!u.get(n.max(64) + 1), "{n}: out of range");
         }
     }
 
