@@ -4,7 +4,9 @@
 //! yours) implements [`Link`] and calls [`crate::Session::over_link`]. Two tasks do the IO:
 //! a reader that feeds [`Mux::handle_input`] and wakes receivers, and a writer that batches
 //! whatever [`Mux::poll_transmit`] produces into few large writes. Senders never wait for
-//! the writer: they queue under a short lock and notify it. Over a link that writes
+//! the writer: they queue under a short lock and notify it — except that the second
+//! message a task sends after input arrived is written by that task itself, when the
+//! writer task is idle and the link allows it ([`LinkWrite::can_write_inline`]). Over a link that writes
 //! vectored ([`LinkWrite::is_write_vectored`]), the writer takes batches from
 //! [`Mux::poll_transmit_batch`] instead: frame headers and small pieces copied into one
 //! buffer, message pieces of 4 KiB or more handed to `writev`/`sendmsg` where they are.
@@ -16,7 +18,7 @@ use std::io;
 use std::io::IoSlice;
 use std::os::fd::OwnedFd;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 
@@ -122,6 +124,19 @@ pub trait LinkWrite: Send + 'static {
             .find(|b| !b.is_empty())
             .map_or(&[][..], |b| &**b);
         self.poll_write_fds(cx, first, fds)
+    }
+    /// True if a sending task may write in the writer task's place while the writer task
+    /// waits: the driver then writes the second message a task sends after input arrived
+    /// (and whatever else is ready) from that task, so that a task answering several
+    /// requests gets the first answers out while it works on the rest. The link is then
+    /// polled from the sending task with a waker that never wakes, and only while the
+    /// writer task is not writing; a write that would block returns `Pending`, and the
+    /// writer task writes the rest, polling with its own waker. Links over sockets
+    /// registered with tokio qualify; a link whose `Pending` must wake the task that got
+    /// it, or that buffers until [`poll_flush`](LinkWrite::poll_flush) completes, must say
+    /// false. False by default.
+    fn can_write_inline(&self) -> bool {
+        false
     }
     /// Pushes out anything the link buffered (a TLS record, a buffered writer). The writer
     /// calls it after each batch, before it waits for more to send. The default does
@@ -268,13 +283,157 @@ pub(crate) struct Shared {
     mux: Mutex<Mux>,
     notify: Notify,
     tasks: Mutex<Vec<JoinHandle<()>>>,
+    /// The link's write half and the writer's buffers, while the writer task waits;
+    /// `None` while it (or a sending task, see [`Shared::with_send`]) writes.
+    io: Mutex<IoSlot>,
+    /// The link can be written by a sending task ([`LinkWrite::can_write_inline`]).
+    inline_capable: bool,
+    /// Input arrived since the last write a sending task made: the next send may write
+    /// itself (see [`Shared::with_send`]).
+    read_since_inline: AtomicBool,
+    /// Messages queued since the last batch was taken for writing (changed under the
+    /// multiplexer's lock).
+    queued_sends: AtomicUsize,
     /// Tasks the reader's last input woke (receivers with messages, senders with credit).
     /// Several of them are likely to send as soon as they run: the writer then lets them
     /// run first (see `write_loop`).
     input_woke: AtomicUsize,
 }
 
+/// What the writer task owns between writes (see [`Shared::io`]).
+struct WriteState {
+    w: Box<dyn LinkWrite>,
+    batch: Batch,
+    /// Bytes taken from the batch and not written yet (left by a write that would block).
+    pieces: VecDeque<Bytes>,
+    /// Descriptors to send with the first byte of `pieces`.
+    fds: Vec<OwnedFd>,
+}
+
+struct IoSlot {
+    state: Option<WriteState>,
+    /// The writer task found the state taken by a sending task: it waits for a
+    /// notification, which that task gives when it puts the state back.
+    missed: bool,
+    /// A sending task panicked while writing (a link's bug): the state is gone and the
+    /// connection failed; the writer task ends.
+    gone: bool,
+}
+
 impl Shared {
+    fn io(&self) -> MutexGuard<'_, IoSlot> {
+        self.io.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Puts the writer's state back; notifies the writer task if it waited for it. After
+    /// [`abort_tasks`](Shared::abort_tasks) the state is dropped instead (and with it the
+    /// link's write half).
+    fn put_state(&self, st: WriteState) {
+        let missed = {
+            let mut io = self.io();
+            if io.gone {
+                drop(io);
+                drop(st);
+                return;
+            }
+            io.state = Some(st);
+            std::mem::take(&mut io.missed)
+        };
+        if missed {
+            self.notify.notify_one();
+        }
+    }
+
+    /// [`with`](Shared::with) for an operation that queues a message. If it made frames
+    /// ready while the writer task waits, input arrived since the last such write, and
+    /// the link allows it ([`LinkWrite::can_write_inline`]), the sending task writes them
+    /// itself instead of waking the writer: taken under the same lock, written right
+    /// away. A request answered, a ping returned: one task switch less on each side of a
+    /// round trip. Only once per input, so that a task sending many messages in a row
+    /// still leaves them to the writer, which writes them together.
+    fn with_send<R>(&self, f: impl FnOnce(&mut Mux) -> R) -> R {
+        if !self.inline_capable || !self.read_since_inline.load(Ordering::Relaxed) {
+            return self.with(f);
+        }
+        let mut wakers = WAKE_LIST.with(|l| l.take());
+        let (r, flush, inline, more) = {
+            let mut m = self.lock();
+            let r = f(&mut m);
+            m.take_wakers(&mut wakers);
+            let flush = m.take_flush();
+            let queued = self.queued_sends.fetch_add(1, Ordering::Relaxed) + 1;
+            let mut inline = None;
+            if queued >= 2 && m.wants_transmit() && m.lost().is_none() {
+                if let Ok(mut io) = self.io.try_lock() {
+                    // Not while a write that would block left bytes (and descriptors that
+                    // go with their first byte): those are the writer task's to finish.
+                    let idle = io
+                        .state
+                        .as_ref()
+                        .is_some_and(|st| st.pieces.is_empty() && st.fds.is_empty());
+                    if let Some(mut st) = if idle { io.state.take() } else { None } {
+                        drop(io);
+                        self.read_since_inline.store(false, Ordering::Relaxed);
+                        self.queued_sends.store(0, Ordering::Relaxed);
+                        m.poll_transmit_batch(&mut st.batch, &mut st.fds, WRITE_BATCH);
+                        inline = Some(st);
+                    }
+                }
+            }
+            let more = m.wants_transmit();
+            (r, flush, inline, more)
+        };
+        for w in wakers.drain(..) {
+            w.wake();
+        }
+        WAKE_LIST.with(|l| l.set(wakers));
+        match inline {
+            Some(st) => self.write_inline(st, more),
+            None if flush => self.notify.notify_one(),
+            None => {}
+        }
+        r
+    }
+
+    /// Writes what [`with_send`](Shared::with_send) took, without waiting: what would
+    /// block is left to the writer task.
+    fn write_inline(&self, mut st: WriteState, more: bool) {
+        st.batch.take_pieces(&mut st.pieces);
+        // A link that panics fails the connection (as it would in the writer task), not
+        // the task that happened to send.
+        let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let mut cx = Context::from_waker(Waker::noop());
+            match poll_write_pieces(&mut *st.w, &mut cx, &mut st.pieces, &mut st.fds) {
+                Poll::Ready(Ok(())) => match st.w.poll_flush(&mut cx) {
+                    Poll::Ready(r) => r,
+                    Poll::Pending => Ok(()),
+                },
+                Poll::Ready(Err(e)) => Err(e),
+                Poll::Pending => Ok(()),
+            }
+        }));
+        let Ok(res) = res else {
+            // The state is in an unknown condition: drop it (and the write half with it);
+            // the writer task ends when it finds it gone.
+            self.io().gone = true;
+            drop(st);
+            self.with(|m| m.fail(Error::lost("the connection's link panicked while writing")));
+            self.notify.notify_one();
+            return;
+        };
+        let left = !st.pieces.is_empty();
+        self.put_state(st);
+        match res {
+            Err(e) => {
+                fail_write(self, e);
+                self.notify.notify_one();
+            }
+            // The rest (what would block, or what did not fit one batch) is the writer's.
+            Ok(()) if left || more => self.notify.notify_one(),
+            Ok(()) => {}
+        }
+    }
+
     fn lock(&self) -> MutexGuard<'_, Mux> {
         self.mux.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -310,12 +469,19 @@ impl Shared {
         (r, woken)
     }
 
-    /// Stops the driver tasks; they own the link's halves, so the connection closes.
+    /// Stops the driver tasks and drops the link's write half (the reader task owns the
+    /// read half), so the connection closes.
     fn abort_tasks(&self) {
         let tasks = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(|e| e.into_inner()));
         for t in tasks {
             t.abort();
         }
+        let st = {
+            let mut io = self.io();
+            io.gone = true;
+            io.state.take()
+        };
+        drop(st);
     }
 }
 
@@ -356,14 +522,33 @@ impl MuxConnection {
         let peer = link.peer_identity();
         let mux = Mux::new(role, config.limits.clone(), config.codec_names());
         let (r, w) = link.split();
+        let inline_capable = w.can_write_inline();
+        let batch = if w.is_write_vectored() {
+            Batch::new(WRITE_BATCH + 64 * 1024)
+        } else {
+            Batch::copying(WRITE_BATCH + 64 * 1024)
+        };
         let shared = Arc::new(Shared {
             mux: Mutex::new(mux),
             notify: Notify::new(),
             tasks: Mutex::new(Vec::new()),
+            io: Mutex::new(IoSlot {
+                state: Some(WriteState {
+                    w,
+                    batch,
+                    pieces: VecDeque::new(),
+                    fds: Vec::new(),
+                }),
+                missed: false,
+                gone: false,
+            }),
+            inline_capable,
+            read_since_inline: AtomicBool::new(false),
+            queued_sends: AtomicUsize::new(0),
             input_woke: AtomicUsize::new(0),
         });
         let reader = tokio::spawn(read_loop(shared.clone(), r));
-        let writer = tokio::spawn(write_loop(shared.clone(), w));
+        let writer = tokio::spawn(write_loop(shared.clone()));
         {
             let mut t = shared.tasks.lock().unwrap_or_else(|e| e.into_inner());
             t.push(reader);
@@ -482,6 +667,7 @@ async fn read_loop(shared: Arc<Shared>, mut r: Box<dyn LinkRead>) {
         if let Some(spare) = spare {
             buf.unsplit(spare);
         }
+        let got_input = matches!(res, Ok(n) if n > 0);
         let ((stop, next, fds_asked), woken) = shared.with_counted(|m| {
             // A body goes back to the mux even after a read of nothing or an error.
             let handled = match body {
@@ -503,6 +689,9 @@ async fn read_loop(shared: Arc<Shared>, mut r: Box<dyn LinkRead>) {
             (stop, m.next_read(&mut buf), m.take_fds_asked())
         });
         shared.input_woke.store(woken, Ordering::Relaxed);
+        if shared.inline_capable && got_input {
+            shared.read_since_inline.store(true, Ordering::Relaxed);
+        }
         if fds_asked {
             r.enable_fds();
         }
@@ -518,49 +707,40 @@ fn read_failed(e: io::Error) -> Error {
     Error::with_source(ErrorKind::ConnectionLost, format!("read failed: {e}"), e)
 }
 
-async fn write_loop(shared: Arc<Shared>, mut w: Box<dyn LinkWrite>) {
+async fn write_loop(shared: Arc<Shared>) {
     let _guard = FailOnPanic {
         shared: shared.clone(),
         task: "writer",
     };
-    let mut batch = if w.is_write_vectored() {
-        Batch::new(WRITE_BATCH + 64 * 1024)
-    } else {
-        Batch::copying(WRITE_BATCH + 64 * 1024)
-    };
-    let mut pieces: VecDeque<Bytes> = VecDeque::new();
-    let mut fds: Vec<OwnedFd> = Vec::new();
     loop {
-        let (lost, drained, more) = shared.with(|m| {
-            m.poll_transmit_batch(&mut batch, &mut fds, WRITE_BATCH);
-            (m.lost().is_some(), m.is_drained(), m.wants_transmit())
-        });
-        if !batch.is_empty() {
-            batch.take_pieces(&mut pieces);
-            let res = write_pieces(&mut *w, &mut pieces, &mut fds).await;
-            pieces.clear();
-            if let Err(e) = res {
-                fail_write(&shared, e);
+        // The link and the buffers, unless a sending task is writing with them: it
+        // notifies us when it puts them back (`Shared::put_state`).
+        let taken = {
+            let mut io = shared.io();
+            if io.gone {
                 return;
             }
-            if let Err(e) = poll_fn(|cx| w.poll_flush(cx)).await {
-                fail_write(&shared, e);
-                return;
-            }
-            if more || lost || drained {
-                continue;
-            }
-            // Everything that was ready went out, and whatever is queued from now on
-            // notifies us (`Shared::with`): wait without another look at the queue (one
-            // lock less per write; ping-pong 9.05 -> 8.97 µs).
-        } else if lost || drained {
-            let _ = poll_fn(|cx| w.poll_shutdown(cx)).await;
-            if drained && !lost {
-                // Everything finished; the peer sees our GOAWAY and end of stream.
-                shared.with(|m| m.fail(Error::closed("session closed")));
-            }
+            let st = io.state.take();
+            io.missed = st.is_none();
+            st
+        };
+        let Some(mut st) = taken else {
+            shared.notify.notified().await;
+            continue;
+        };
+        let res = write_once(&shared, &mut st).await;
+        if res.is_err() {
+            // Done: the link's write half is dropped with the state (the peer sees the
+            // end), and sending tasks find none to write with.
             return;
         }
+        shared.put_state(st);
+        if res == Ok(true) {
+            continue;
+        }
+        // Everything that was ready went out, and whatever is queued from now on
+        // notifies us (`Shared::with`): wait without another look at the queue (one lock
+        // less per write; ping-pong 9.05 -> 8.97 µs).
         shared.notify.notified().await;
         if shared.input_woke.load(Ordering::Relaxed) > 1 {
             // Several tasks the last input woke are about to run, and likely to send (many
@@ -571,6 +751,56 @@ async fn write_loop(shared: Arc<Shared>, mut w: Box<dyn LinkWrite>) {
             to_back_of_queue().await;
         }
     }
+}
+
+/// One round of the writer: what a sending task left unwritten, then one batch of what
+/// is ready. `Ok(true)`: look again at once; `Ok(false)`: wait for a notification;
+/// `Err(())`: the writer is done (the connection failed or was shut).
+async fn write_once(shared: &Shared, st: &mut WriteState) -> Result<bool, ()> {
+    let WriteState {
+        w,
+        batch,
+        pieces,
+        fds,
+    } = st;
+    if !pieces.is_empty() {
+        if let Err(e) = poll_fn(|cx| poll_write_pieces(&mut **w, cx, pieces, fds)).await {
+            fail_write(shared, e);
+            return Err(());
+        }
+        if let Err(e) = poll_fn(|cx| w.poll_flush(cx)).await {
+            fail_write(shared, e);
+            return Err(());
+        }
+    }
+    let (lost, drained, more) = shared.with(|m| {
+        shared.queued_sends.store(0, Ordering::Relaxed);
+        m.poll_transmit_batch(batch, fds, WRITE_BATCH);
+        (m.lost().is_some(), m.is_drained(), m.wants_transmit())
+    });
+    if !batch.is_empty() {
+        batch.take_pieces(pieces);
+        let res = poll_fn(|cx| poll_write_pieces(&mut **w, cx, pieces, fds)).await;
+        pieces.clear();
+        if let Err(e) = res {
+            fail_write(shared, e);
+            return Err(());
+        }
+        if let Err(e) = poll_fn(|cx| w.poll_flush(cx)).await {
+            fail_write(shared, e);
+            return Err(());
+        }
+        return Ok(more || lost || drained);
+    }
+    if lost || drained {
+        let _ = poll_fn(|cx| w.poll_shutdown(cx)).await;
+        if drained && !lost {
+            // Everything finished; the peer sees our GOAWAY and end of stream.
+            shared.with(|m| m.fail(Error::closed("session closed")));
+        }
+        return Err(());
+    }
+    Ok(false)
 }
 
 /// Puts the running task at the back of its worker's run queue, behind the tasks already
@@ -592,30 +822,32 @@ async fn to_back_of_queue() {
 }
 
 /// Writes `pieces` whole (one buffer with plain writes, several with vectored writes);
-/// `fds` go with the first byte.
-async fn write_pieces(
+/// `fds` go with the first byte. `Pending` leaves what is not written in `pieces`.
+fn poll_write_pieces(
     w: &mut dyn LinkWrite,
+    cx: &mut Context<'_>,
     pieces: &mut VecDeque<Bytes>,
     fds: &mut Vec<OwnedFd>,
-) -> io::Result<()> {
+) -> Poll<io::Result<()>> {
     /// Buffers handed to one write (Linux accepts up to 1024).
     const MAX_IOV: usize = 64;
     while !pieces.is_empty() {
-        let n = poll_fn(|cx| {
-            if pieces.len() == 1 {
-                // One buffer: a plain write, cheaper in the kernel than a vectored one.
-                return w.poll_write_fds(cx, &pieces[0], fds);
-            }
+        let n = if pieces.len() == 1 {
+            // One buffer: a plain write, cheaper in the kernel than a vectored one.
+            std::task::ready!(w.poll_write_fds(cx, &pieces[0], fds))?
+        } else {
             let mut iov = [IoSlice::new(&[]); MAX_IOV];
             let k = pieces.len().min(MAX_IOV);
             for (slot, p) in iov.iter_mut().zip(pieces.iter()) {
                 *slot = IoSlice::new(p);
             }
-            w.poll_write_vectored_fds(cx, &iov[..k], fds)
-        })
-        .await?;
+            std::task::ready!(w.poll_write_vectored_fds(cx, &iov[..k], fds))?
+        };
         if n == 0 {
-            return Err(io::Error::new(io::ErrorKind::WriteZero, "wrote 0 bytes"));
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::WriteZero,
+                "wrote 0 bytes",
+            )));
         }
         fds.clear();
         let mut left = n;
@@ -632,7 +864,7 @@ async fn write_pieces(
             }
         }
     }
-    Ok(())
+    Poll::Ready(Ok(()))
 }
 
 fn fail_write(shared: &Shared, e: io::Error) {
@@ -703,7 +935,7 @@ impl Connection for MuxConnection {
     }
 
     fn send_message(&self, id: u32, msg: OutMessage) -> Result<Vec<u32>, Error> {
-        self.shared.with(|m| m.send_message(id, msg))
+        self.shared.with_send(|m| m.send_message(id, msg))
     }
 
     fn send_message_then_ready(
@@ -712,7 +944,7 @@ impl Connection for MuxConnection {
         mut msg: OutMessage,
     ) -> Result<(Vec<u32>, bool), Error> {
         self.shared
-            .with(|m| m.send_message_then_ready(id, &mut msg))
+            .with_send(|m| m.send_message_then_ready(id, &mut msg))
     }
 
     fn poll_recv(&self, cx: &mut Context<'_>, id: u32) -> Poll<Result<Option<InMessage>, Error>> {

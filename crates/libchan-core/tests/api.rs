@@ -583,3 +583,206 @@ async fn a_travelling_reply_sender_delivers_then_ends() {
         assert_eq!(answer.recv().await.unwrap(), None);
     }
 }
+
+/// A link over an in-process pipe whose write half lets sending tasks write
+/// (`can_write_inline`), counting the writes that would block, and panicking at its
+/// `panic_at`th write if asked to.
+struct InlineLink {
+    io: tokio::io::DuplexStream,
+    would_block: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    panic_at: Option<usize>,
+}
+
+struct InlineWrite {
+    inner: Box<dyn libchan_core::driver::LinkWrite>,
+    would_block: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    writes: usize,
+    panic_at: Option<usize>,
+}
+
+impl libchan_core::driver::LinkWrite for InlineWrite {
+    fn poll_write_fds(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+        fds: &[std::os::fd::OwnedFd],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        self.writes += 1;
+        if self.panic_at == Some(self.writes) {
+            panic!("a link that panics while writing (test)");
+        }
+        let r = self.inner.poll_write_fds(cx, buf, fds);
+        if r.is_pending() {
+            self.would_block
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        r
+    }
+
+    fn can_write_inline(&self) -> bool {
+        true
+    }
+
+    fn poll_shutdown(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        self.inner.poll_shutdown(cx)
+    }
+}
+
+impl libchan_core::driver::Link for InlineLink {
+    fn split(
+        self: Box<Self>,
+    ) -> (
+        Box<dyn libchan_core::driver::LinkRead>,
+        Box<dyn libchan_core::driver::LinkWrite>,
+    ) {
+        let (r, w) = Box::new(libchan_core::driver::IoLink::new(self.io)).split();
+        (
+            r,
+            Box::new(InlineWrite {
+                inner: w,
+                would_block: self.would_block,
+                writes: 0,
+                panic_at: self.panic_at,
+            }),
+        )
+    }
+}
+
+/// Two sessions over a pipe of `capacity` bytes; the listener's link is an [`InlineLink`].
+async fn inline_pair(
+    capacity: usize,
+    panic_at: Option<usize>,
+) -> (
+    Session,
+    Session,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
+    use libchan_core::driver::IoLink;
+    let (x, y) = tokio::io::duplex(capacity);
+    let would_block = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let link = InlineLink {
+        io: y,
+        would_block: would_block.clone(),
+        panic_at,
+    };
+    let config = Config::new(libchan_codec_cbor::Cbor);
+    let (a, b) = sessions_over(IoLink::new(x), link, &config).await;
+    (a, b, would_block)
+}
+
+/// Answers to input are written by the sending task (the second of them writes both); on
+/// a one-thread runtime the peer cannot read meanwhile, so with a 1 KiB pipe that write
+/// would block after its first kilobyte. The writer task writes the rest when the peer
+/// reads: every answer arrives whole, in order, before what is sent after it.
+#[tokio::test(flavor = "current_thread")]
+async fn what_a_sending_task_could_not_write_is_finished_by_the_writer_in_order() {
+    let guard = std::time::Duration::from_secs(10);
+    let (a, b, would_block) = inline_pair(1024, None).await;
+    let tx = a.open::<String>().await.expect("open");
+    let mut rx = b
+        .accept::<String>()
+        .await
+        .expect("accept")
+        .expect("a channel");
+    let back = b.open::<String>().await.expect("open back");
+    let mut back_rx = a
+        .accept::<String>()
+        .await
+        .expect("accept back")
+        .expect("a channel");
+    let big = |c: char, round: usize| format!("{round}:{}", c.to_string().repeat(20_000));
+    for round in 0..10 {
+        tx.send(format!("ping {round}")).await.expect("send");
+        let got = tokio::time::timeout(guard, rx.recv()).await.expect("guard");
+        assert_eq!(got.expect("recv"), Some(format!("ping {round}")));
+        back.send(big('a', round)).await.expect("answer");
+        back.send(big('b', round)).await.expect("answer");
+        // Nothing else is sent until both arrived.
+        for want in [big('a', round), big('b', round)] {
+            let got = tokio::time::timeout(guard, back_rx.recv())
+                .await
+                .expect("an answer never came");
+            assert_eq!(got.expect("recv").as_deref(), Some(want.as_str()));
+        }
+        back.send(format!("small {round}")).await.expect("answer");
+        let got = tokio::time::timeout(guard, back_rx.recv())
+            .await
+            .expect("an answer never came");
+        assert_eq!(got.expect("recv"), Some(format!("small {round}")));
+    }
+    assert!(
+        would_block.load(std::sync::atomic::Ordering::Relaxed) > 0,
+        "no write would block: the test did not reach the case it is about"
+    );
+}
+
+/// A link that panics in a write made by a sending task fails the session (every end
+/// gets an error) instead of panicking that task or hanging the session.
+#[tokio::test(flavor = "current_thread")]
+async fn a_link_panicking_in_a_sending_tasks_write_fails_the_session() {
+    use libchan_core::ErrorKind;
+    let guard = std::time::Duration::from_secs(10);
+    // The listener's writes: HELLO, the OPEN of `back`, a credit perhaps; the panic comes
+    // at a later one, which the answers below reach whoever makes it.
+    let (a, b, _) = inline_pair(1 << 16, Some(4)).await;
+    let tx = a.open::<u32>().await.expect("open");
+    let mut rx = b.accept::<u32>().await.expect("accept").expect("a channel");
+    let back = b.open::<u32>().await.expect("open back");
+    let mut back_rx = a
+        .accept::<u32>()
+        .await
+        .expect("accept back")
+        .expect("a channel");
+    let mut failed = None;
+    for i in 0..20u32 {
+        if tx.send(i).await.is_err() {
+            break;
+        }
+        match tokio::time::timeout(guard, rx.recv()).await.expect("guard") {
+            Ok(Some(_)) => {}
+            Ok(None) => break,
+            Err(e) => {
+                failed = Some(e);
+                break;
+            }
+        }
+        // Two answers in a row: the second is written by this task.
+        for k in 0..2 {
+            if let Err(e) = back.send(i * 2 + k).await {
+                failed = Some(e.error);
+                break;
+            }
+        }
+        if failed.is_some() {
+            break;
+        }
+    }
+    let err = match failed {
+        Some(e) => e,
+        None => {
+            tokio::time::timeout(guard, back.closed())
+                .await
+                .map(|()| back.send(0))
+                .expect("the session did not fail after its link panicked")
+                .await
+                .expect_err("a send after the link panicked")
+                .error
+        }
+    };
+    assert_eq!(err.kind(), ErrorKind::ConnectionLost, "{err}");
+    // The dialer sees the connection end too.
+    let end = tokio::time::timeout(guard, async {
+        loop {
+            match back_rx.recv().await {
+                Ok(Some(_)) => continue,
+                other => return other,
+            }
+        }
+    })
+    .await
+    .expect("the dialer never saw the end");
+    assert!(!matches!(end, Ok(Some(_))));
+}

@@ -756,6 +756,11 @@ impl Drop for H2Write {
 }
 
 impl LinkWrite for H2Write {
+    fn can_write_inline(&self) -> bool {
+        // Frames go to the HTTP/2 streams' queues, never blocking.
+        true
+    }
+
     fn poll_write_fds(
         &mut self,
         _cx: &mut Context<'_>,

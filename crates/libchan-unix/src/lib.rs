@@ -353,6 +353,12 @@ impl LinkWrite for UnixWrite {
         true
     }
 
+    fn can_write_inline(&self) -> bool {
+        // A socket registered with tokio: a write that would block clears its readiness,
+        // and the writer task's own poll registers its waker again.
+        true
+    }
+
     fn poll_write_vectored_fds(
         &mut self,
         cx: &mut Context<'_>,
