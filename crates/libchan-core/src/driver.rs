@@ -131,10 +131,10 @@ pub trait LinkWrite: Send + 'static {
     /// requests gets the first answers out while it works on the rest. The link is then
     /// polled from the sending task with a waker that never wakes, and only while the
     /// writer task is not writing; a write that would block returns `Pending`, and the
-    /// writer task writes the rest, polling with its own waker. Links over sockets
-    /// registered with tokio qualify; a link whose `Pending` must wake the task that got
-    /// it, or that buffers until [`poll_flush`](LinkWrite::poll_flush) completes, must say
-    /// false. False by default.
+    /// writer task writes the rest, polling with its own waker; if the link's
+    /// [`poll_flush`](LinkWrite::poll_flush) would block, the writer task flushes. Links
+    /// over sockets registered with tokio qualify (TLS over one too); a link whose
+    /// `Pending` must wake the task that got it must say false. False by default.
     fn can_write_inline(&self) -> bool {
         false
     }
@@ -308,6 +308,9 @@ struct WriteState {
     pieces: VecDeque<Bytes>,
     /// Descriptors to send with the first byte of `pieces`.
     fds: Vec<OwnedFd>,
+    /// A sending task's write left bytes in the link's buffer (its flush would block):
+    /// the writer task flushes before anything else.
+    unflushed: bool,
 }
 
 struct IoSlot {
@@ -367,10 +370,9 @@ impl Shared {
                 if let Ok(mut io) = self.io.try_lock() {
                     // Not while a write that would block left bytes (and descriptors that
                     // go with their first byte): those are the writer task's to finish.
-                    let idle = io
-                        .state
-                        .as_ref()
-                        .is_some_and(|st| st.pieces.is_empty() && st.fds.is_empty());
+                    let idle = io.state.as_ref().is_some_and(|st| {
+                        st.pieces.is_empty() && st.fds.is_empty() && !st.unflushed
+                    });
                     if let Some(mut st) = if idle { io.state.take() } else { None } {
                         drop(io);
                         self.read_since_inline.store(false, Ordering::Relaxed);
@@ -406,7 +408,10 @@ impl Shared {
             match poll_write_pieces(&mut *st.w, &mut cx, &mut st.pieces, &mut st.fds) {
                 Poll::Ready(Ok(())) => match st.w.poll_flush(&mut cx) {
                     Poll::Ready(r) => r,
-                    Poll::Pending => Ok(()),
+                    Poll::Pending => {
+                        st.unflushed = true;
+                        Ok(())
+                    }
                 },
                 Poll::Ready(Err(e)) => Err(e),
                 Poll::Pending => Ok(()),
@@ -421,7 +426,7 @@ impl Shared {
             self.notify.notify_one();
             return;
         };
-        let left = !st.pieces.is_empty();
+        let left = !st.pieces.is_empty() || st.unflushed;
         self.put_state(st);
         match res {
             Err(e) => {
@@ -538,6 +543,7 @@ impl MuxConnection {
                     batch,
                     pieces: VecDeque::new(),
                     fds: Vec::new(),
+                    unflushed: false,
                 }),
                 missed: false,
                 gone: false,
@@ -762,8 +768,9 @@ async fn write_once(shared: &Shared, st: &mut WriteState) -> Result<bool, ()> {
         batch,
         pieces,
         fds,
+        unflushed,
     } = st;
-    if !pieces.is_empty() {
+    if !pieces.is_empty() || *unflushed {
         if let Err(e) = poll_fn(|cx| poll_write_pieces(&mut **w, cx, pieces, fds)).await {
             fail_write(shared, e);
             return Err(());
@@ -772,6 +779,7 @@ async fn write_once(shared: &Shared, st: &mut WriteState) -> Result<bool, ()> {
             fail_write(shared, e);
             return Err(());
         }
+        *unflushed = false;
     }
     let (lost, drained, more) = shared.with(|m| {
         shared.queued_sends.store(0, Ordering::Relaxed);
