@@ -591,6 +591,47 @@ struct InlineLink {
     io: tokio::io::DuplexStream,
     would_block: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     panic_at: Option<usize>,
+    /// Writes go to a buffer in front of the pipe, which only a flush empties (as rustls
+    /// keeps records): [`FlushOnly`].
+    buffered: bool,
+}
+
+/// A write half that takes every write into its buffer and writes it on only when
+/// flushed.
+struct FlushOnly {
+    inner: Box<dyn libchan_core::driver::LinkWrite>,
+    buf: Vec<u8>,
+}
+
+impl libchan_core::driver::LinkWrite for FlushOnly {
+    fn poll_write_fds(
+        &mut self,
+        _cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+        _fds: &[std::os::fd::OwnedFd],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        self.buf.extend_from_slice(buf);
+        std::task::Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_flush(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        while !self.buf.is_empty() {
+            let n = std::task::ready!(self.inner.poll_write_fds(cx, &self.buf, &[]))?;
+            self.buf.drain(..n);
+        }
+        self.inner.poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::ready!(self.poll_flush(cx))?;
+        self.inner.poll_shutdown(cx)
+    }
 }
 
 struct InlineWrite {
@@ -623,6 +664,18 @@ impl libchan_core::driver::LinkWrite for InlineWrite {
         true
     }
 
+    fn poll_flush(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let r = self.inner.poll_flush(cx);
+        if r.is_pending() {
+            self.would_block
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        r
+    }
+
     fn poll_shutdown(
         &mut self,
         cx: &mut std::task::Context<'_>,
@@ -639,6 +692,14 @@ impl libchan_core::driver::Link for InlineLink {
         Box<dyn libchan_core::driver::LinkWrite>,
     ) {
         let (r, w) = Box::new(libchan_core::driver::IoLink::new(self.io)).split();
+        let w: Box<dyn libchan_core::driver::LinkWrite> = if self.buffered {
+            Box::new(FlushOnly {
+                inner: w,
+                buf: Vec::new(),
+            })
+        } else {
+            w
+        };
         (
             r,
             Box::new(InlineWrite {
@@ -655,6 +716,7 @@ impl libchan_core::driver::Link for InlineLink {
 async fn inline_pair(
     capacity: usize,
     panic_at: Option<usize>,
+    buffered: bool,
 ) -> (
     Session,
     Session,
@@ -667,6 +729,7 @@ async fn inline_pair(
         io: y,
         would_block: would_block.clone(),
         panic_at,
+        buffered,
     };
     let config = Config::new(libchan_codec_cbor::Cbor);
     let (a, b) = sessions_over(IoLink::new(x), link, &config).await;
@@ -679,8 +742,16 @@ async fn inline_pair(
 /// reads: every answer arrives whole, in order, before what is sent after it.
 #[tokio::test(flavor = "current_thread")]
 async fn what_a_sending_task_could_not_write_is_finished_by_the_writer_in_order() {
+    // Over the pipe itself, and through a buffer that only a flush empties: a sending
+    // task's flush would block too, and the writer task flushes.
+    for buffered in [false, true] {
+        answers_arrive_over_a_small_pipe(buffered).await;
+    }
+}
+
+async fn answers_arrive_over_a_small_pipe(buffered: bool) {
     let guard = std::time::Duration::from_secs(10);
-    let (a, b, would_block) = inline_pair(1024, None).await;
+    let (a, b, would_block) = inline_pair(1024, None, buffered).await;
     let tx = a.open::<String>().await.expect("open");
     let mut rx = b
         .accept::<String>()
@@ -715,7 +786,7 @@ async fn what_a_sending_task_could_not_write_is_finished_by_the_writer_in_order(
     }
     assert!(
         would_block.load(std::sync::atomic::Ordering::Relaxed) > 0,
-        "no write would block: the test did not reach the case it is about"
+        "no write or flush would block (buffered: {buffered}): the test did not reach the case it is about"
     );
 }
 
@@ -727,7 +798,7 @@ async fn a_link_panicking_in_a_sending_tasks_write_fails_the_session() {
     let guard = std::time::Duration::from_secs(10);
     // The listener's writes: HELLO, the OPEN of `back`, a credit perhaps; the panic comes
     // at a later one, which the answers below reach whoever makes it.
-    let (a, b, _) = inline_pair(1 << 16, Some(4)).await;
+    let (a, b, _) = inline_pair(1 << 16, Some(4), false).await;
     let tx = a.open::<u32>().await.expect("open");
     let mut rx = b.accept::<u32>().await.expect("accept").expect("a channel");
     let back = b.open::<u32>().await.expect("open back");
