@@ -18,7 +18,7 @@ use std::io;
 use std::io::IoSlice;
 use std::os::fd::OwnedFd;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 
@@ -284,8 +284,8 @@ pub(crate) struct Shared {
     notify: Notify,
     tasks: Mutex<Vec<JoinHandle<()>>>,
     /// The link's write half and the writer's buffers, while the writer task waits;
-    /// `None` while it (or a sending task, see [`Shared::with_send`]) writes.
-    io: Mutex<IoSlot>,
+    /// empty while it (or a sending task, see [`Shared::with_send`]) writes.
+    io: IoSlot,
     /// The link can be written by a sending task ([`LinkWrite::can_write_inline`]).
     inline_capable: bool,
     /// Input arrived since the last write a sending task made: the next send may write
@@ -313,36 +313,82 @@ struct WriteState {
     unflushed: bool,
 }
 
+/// Where the [`WriteState`] waits between writes, handed between the writer task and
+/// sending tasks without a lock (two lock operations per write less on every message).
 struct IoSlot {
-    state: Option<WriteState>,
+    /// The state while nobody writes; null while the writer task or a sending task has it.
+    state: AtomicPtr<WriteState>,
     /// The writer task found the state taken by a sending task: it waits for a
     /// notification, which that task gives when it puts the state back.
-    missed: bool,
-    /// A sending task panicked while writing (a link's bug): the state is gone and the
-    /// connection failed; the writer task ends.
-    gone: bool,
+    missed: AtomicBool,
+    /// The connection's tasks were aborted, or a sending task's write panicked (a link's
+    /// bug): the state is dropped, and the writer task ends.
+    gone: AtomicBool,
+}
+
+impl IoSlot {
+    fn new(st: WriteState) -> IoSlot {
+        IoSlot {
+            state: AtomicPtr::new(Box::into_raw(Box::new(st))),
+            missed: AtomicBool::new(false),
+            gone: AtomicBool::new(false),
+        }
+    }
+
+    /// Takes the state, if it is here.
+    fn take(&self) -> Option<Box<WriteState>> {
+        let p = self.state.swap(std::ptr::null_mut(), Ordering::SeqCst);
+        // SAFETY: a non-null pointer in the slot always comes from `Box::into_raw` (`new`,
+        // `put`), and the swap made this call its only owner.
+        (!p.is_null()).then(|| unsafe { Box::from_raw(p) })
+    }
+
+    /// Puts the state back (drops it once the slot is gone); true if the writer task
+    /// waits for it and must be notified.
+    fn put(&self, st: Box<WriteState>) -> bool {
+        if self.gone.load(Ordering::SeqCst) {
+            return false;
+        }
+        let old = self.state.swap(Box::into_raw(st), Ordering::SeqCst);
+        if !old.is_null() {
+            // SAFETY: as in `take`; cannot happen (one state, one holder), but if it did
+            // the older state is freed rather than leaked.
+            drop(unsafe { Box::from_raw(old) });
+        }
+        if self.gone.load(Ordering::SeqCst) {
+            // `set_gone` ran meanwhile and found the slot empty.
+            drop(self.take());
+            return false;
+        }
+        self.missed.swap(false, Ordering::SeqCst)
+    }
+
+    /// Marks the slot gone and drops the state if it is here (else its holder drops it).
+    fn set_gone(&self) {
+        self.gone.store(true, Ordering::SeqCst);
+        drop(self.take());
+    }
+}
+
+// The slot hands the state between threads through a raw pointer, which the compiler
+// does not check: the state must be `Send` for that to be sound.
+const _: fn() = || {
+    fn send<T: Send>() {}
+    send::<WriteState>();
+};
+
+impl Drop for IoSlot {
+    fn drop(&mut self) {
+        drop(self.take());
+    }
 }
 
 impl Shared {
-    fn io(&self) -> MutexGuard<'_, IoSlot> {
-        self.io.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
     /// Puts the writer's state back; notifies the writer task if it waited for it. After
     /// [`abort_tasks`](Shared::abort_tasks) the state is dropped instead (and with it the
     /// link's write half).
-    fn put_state(&self, st: WriteState) {
-        let missed = {
-            let mut io = self.io();
-            if io.gone {
-                drop(io);
-                drop(st);
-                return;
-            }
-            io.state = Some(st);
-            std::mem::take(&mut io.missed)
-        };
-        if missed {
+    fn put_state(&self, st: Box<WriteState>) {
+        if self.io.put(st) {
             self.notify.notify_one();
         }
     }
@@ -366,24 +412,24 @@ impl Shared {
             let flush = m.take_flush();
             let queued = self.queued_sends.fetch_add(1, Ordering::Relaxed) + 1;
             let mut inline = None;
+            let mut handed_back = false;
             if queued >= 2 && m.wants_transmit() && m.lost().is_none() {
-                if let Ok(mut io) = self.io.try_lock() {
+                if let Some(mut st) = self.io.take() {
                     // Not while a write that would block left bytes (and descriptors that
                     // go with their first byte): those are the writer task's to finish.
-                    let idle = io.state.as_ref().is_some_and(|st| {
-                        st.pieces.is_empty() && st.fds.is_empty() && !st.unflushed
-                    });
-                    if let Some(mut st) = if idle { io.state.take() } else { None } {
-                        drop(io);
+                    if st.pieces.is_empty() && st.fds.is_empty() && !st.unflushed {
                         self.read_since_inline.store(false, Ordering::Relaxed);
                         self.queued_sends.store(0, Ordering::Relaxed);
                         m.poll_transmit_batch(&mut st.batch, &mut st.fds, WRITE_BATCH);
                         inline = Some(st);
+                    } else {
+                        self.io.put(st);
+                        handed_back = true;
                     }
                 }
             }
             let more = m.wants_transmit();
-            (r, flush, inline, more)
+            (r, flush || handed_back, inline, more)
         };
         for w in wakers.drain(..) {
             w.wake();
@@ -399,7 +445,7 @@ impl Shared {
 
     /// Writes what [`with_send`](Shared::with_send) took, without waiting: what would
     /// block is left to the writer task.
-    fn write_inline(&self, mut st: WriteState, more: bool) {
+    fn write_inline(&self, mut st: Box<WriteState>, more: bool) {
         st.batch.take_pieces(&mut st.pieces);
         // A link that panics fails the connection (as it would in the writer task), not
         // the task that happened to send.
@@ -420,7 +466,7 @@ impl Shared {
         let Ok(res) = res else {
             // The state is in an unknown condition: drop it (and the write half with it);
             // the writer task ends when it finds it gone.
-            self.io().gone = true;
+            self.io.set_gone();
             drop(st);
             self.with(|m| m.fail(Error::lost("the connection's link panicked while writing")));
             self.notify.notify_one();
@@ -481,12 +527,7 @@ impl Shared {
         for t in tasks {
             t.abort();
         }
-        let st = {
-            let mut io = self.io();
-            io.gone = true;
-            io.state.take()
-        };
-        drop(st);
+        self.io.set_gone();
     }
 }
 
@@ -537,16 +578,12 @@ impl MuxConnection {
             mux: Mutex::new(mux),
             notify: Notify::new(),
             tasks: Mutex::new(Vec::new()),
-            io: Mutex::new(IoSlot {
-                state: Some(WriteState {
-                    w,
-                    batch,
-                    pieces: VecDeque::new(),
-                    fds: Vec::new(),
-                    unflushed: false,
-                }),
-                missed: false,
-                gone: false,
+            io: IoSlot::new(WriteState {
+                w,
+                batch,
+                pieces: VecDeque::new(),
+                fds: Vec::new(),
+                unflushed: false,
             }),
             inline_capable,
             read_since_inline: AtomicBool::new(false),
@@ -721,15 +758,19 @@ async fn write_loop(shared: Arc<Shared>) {
     loop {
         // The link and the buffers, unless a sending task is writing with them: it
         // notifies us when it puts them back (`Shared::put_state`).
-        let taken = {
-            let mut io = shared.io();
-            if io.gone {
-                return;
+        if shared.io.gone.load(Ordering::SeqCst) {
+            return;
+        }
+        let taken = shared.io.take().or_else(|| {
+            // A sending task has it: ask for a notification, then look once more (it may
+            // have put it back before seeing the request).
+            shared.io.missed.store(true, Ordering::SeqCst);
+            let st = shared.io.take();
+            if st.is_some() {
+                shared.io.missed.store(false, Ordering::SeqCst);
             }
-            let st = io.state.take();
-            io.missed = st.is_none();
             st
-        };
+        });
         let Some(mut st) = taken else {
             shared.notify.notified().await;
             continue;
