@@ -274,9 +274,69 @@ impl<W: AsyncWrite + Send + Unpin + 'static> LinkWrite for IoWrite<W> {
     }
 }
 
+/// A [`LinkWrite`] that sending tasks may write in the writer task's place
+/// ([`LinkWrite::can_write_inline`]), around one that does not say so itself: for a write
+/// half over a socket registered with tokio (the tcp and TLS links wrap their [`IoWrite`]
+/// in it).
+///
+/// ```
+/// use libchan_core::driver::{IoWrite, LinkWrite, WriteInline};
+/// let (a, _b) = tokio::io::duplex(1024);
+/// let w = WriteInline(IoWrite(a));
+/// assert!(w.can_write_inline());
+/// ```
+#[derive(Debug)]
+pub struct WriteInline<W>(pub W);
+
+impl<W: LinkWrite> LinkWrite for WriteInline<W> {
+    fn poll_write_fds(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+        fds: &[OwnedFd],
+    ) -> Poll<io::Result<usize>> {
+        self.0.poll_write_fds(cx, buf, fds)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.0.is_write_vectored()
+    }
+
+    fn poll_write_vectored_fds(
+        &mut self,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+        fds: &[OwnedFd],
+    ) -> Poll<io::Result<usize>> {
+        self.0.poll_write_vectored_fds(cx, bufs, fds)
+    }
+
+    fn can_write_inline(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.0.poll_flush(cx)
+    }
+
+    fn poll_shutdown(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.0.poll_shutdown(cx)
+    }
+}
+
 thread_local! {
     /// The wakers' list of [`Shared::with`], reused.
     static WAKE_LIST: std::cell::Cell<Vec<Waker>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+/// Wakes the wakers an operation collected (outside the multiplexer's lock) and keeps the
+/// list's allocation for the thread's next operation.
+fn wake_all(mut wakers: Vec<Waker>) {
+    for w in wakers.drain(..) {
+        w.wake();
+    }
+    // A waker that re-entered `with` on this thread took an empty list; ours goes back.
+    WAKE_LIST.with(|l| l.set(wakers));
 }
 
 pub(crate) struct Shared {
@@ -393,19 +453,23 @@ impl Shared {
         }
     }
 
-    /// [`with`](Shared::with) for an operation that queues a message. If it made frames
-    /// ready while the writer task waits, input arrived since the last such write, and
-    /// the link allows it ([`LinkWrite::can_write_inline`]), the sending task writes them
-    /// itself instead of waking the writer: taken under the same lock, written right
-    /// away. A request answered, a ping returned: one task switch less on each side of a
-    /// round trip. Only once per input, so that a task sending many messages in a row
-    /// still leaves them to the writer, which writes them together.
+    /// [`with`](Shared::with) for an operation that queues a message. If this is the
+    /// second message queued since the writer last took a batch, input arrived since the
+    /// last such write, the writer task waits, and the link allows it
+    /// ([`LinkWrite::can_write_inline`]), the sending task writes what is ready itself:
+    /// taken under the same lock, written right away. A task answering a batch of
+    /// requests gets its first answers to the peer while it works on the rest, so both
+    /// ends work at once (rpc with 64 callers: 282 k -> 387 k requests/s). Not on the first
+    /// message: one answer and the end of its reply channel (the Sender dropped next)
+    /// still leave together, from the writer, as one frame; and once per input, so that a
+    /// task sending many messages in a row leaves them to the writer, which writes them
+    /// together.
     fn with_send<R>(&self, f: impl FnOnce(&mut Mux) -> R) -> R {
         if !self.inline_capable || !self.read_since_inline.load(Ordering::Relaxed) {
             return self.with(f);
         }
         let mut wakers = WAKE_LIST.with(|l| l.take());
-        let (r, flush, inline, more) = {
+        let (r, flush, inline) = {
             let mut m = self.lock();
             let r = f(&mut m);
             m.take_wakers(&mut wakers);
@@ -421,22 +485,19 @@ impl Shared {
                         self.read_since_inline.store(false, Ordering::Relaxed);
                         self.queued_sends.store(0, Ordering::Relaxed);
                         m.poll_transmit_batch(&mut st.batch, &mut st.fds, WRITE_BATCH);
-                        inline = Some(st);
+                        // What did not fit the batch is the writer's.
+                        inline = Some((st, m.wants_transmit()));
                     } else {
                         self.io.put(st);
                         handed_back = true;
                     }
                 }
             }
-            let more = m.wants_transmit();
-            (r, flush || handed_back, inline, more)
+            (r, flush || handed_back, inline)
         };
-        for w in wakers.drain(..) {
-            w.wake();
-        }
-        WAKE_LIST.with(|l| l.set(wakers));
+        wake_all(wakers);
         match inline {
-            Some(st) => self.write_inline(st, more),
+            Some((st, more)) => self.write_inline(st, more),
             None if flush => self.notify.notify_one(),
             None => {}
         }
@@ -509,11 +570,7 @@ impl Shared {
             (r, m.take_flush())
         };
         let woken = wakers.len();
-        for w in wakers.drain(..) {
-            w.wake();
-        }
-        // A waker that re-entered `with` on this thread took an empty list; ours goes back.
-        WAKE_LIST.with(|l| l.set(wakers));
+        wake_all(wakers);
         if flush {
             self.notify.notify_one();
         }

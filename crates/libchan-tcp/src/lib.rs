@@ -22,7 +22,7 @@
 use std::io;
 use std::net::SocketAddr;
 
-use libchan_core::driver::{IoRead, IoWrite, Link, LinkRead, LinkWrite};
+use libchan_core::driver::{IoRead, IoWrite, Link, LinkRead, LinkWrite, WriteInline};
 use libchan_core::{Config, Error, ErrorKind, Role, Session};
 use tokio::net::{TcpStream, ToSocketAddrs};
 
@@ -89,49 +89,7 @@ pub struct TcpLink(pub TcpStream);
 impl Link for TcpLink {
     fn split(self: Box<Self>) -> (Box<dyn LinkRead>, Box<dyn LinkWrite>) {
         let (r, w) = self.0.into_split();
-        (Box::new(IoRead(r)), Box::new(TcpWrite(IoWrite(w))))
-    }
-}
-
-/// The write half of a [`TcpLink`]: an [`IoWrite`] that sending tasks may write with
-/// ([`LinkWrite::can_write_inline`]: a tokio socket).
-struct TcpWrite(IoWrite<tokio::net::tcp::OwnedWriteHalf>);
-
-impl LinkWrite for TcpWrite {
-    fn poll_write_fds(
-        &mut self,
-        cx: &mut std::task::Context<'_>,
-        buf: &[u8],
-        fds: &[std::os::fd::OwnedFd],
-    ) -> std::task::Poll<io::Result<usize>> {
-        self.0.poll_write_fds(cx, buf, fds)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.0.is_write_vectored()
-    }
-
-    fn poll_write_vectored_fds(
-        &mut self,
-        cx: &mut std::task::Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-        fds: &[std::os::fd::OwnedFd],
-    ) -> std::task::Poll<io::Result<usize>> {
-        self.0.poll_write_vectored_fds(cx, bufs, fds)
-    }
-
-    fn can_write_inline(&self) -> bool {
-        true
-    }
-
-    fn poll_flush(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<io::Result<()>> {
-        self.0.poll_flush(cx)
-    }
-
-    fn poll_shutdown(
-        &mut self,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<io::Result<()>> {
-        self.0.poll_shutdown(cx)
+        // A tokio socket: sending tasks may write it (`LinkWrite::can_write_inline`).
+        (Box::new(IoRead(r)), Box::new(WriteInline(IoWrite(w))))
     }
 }

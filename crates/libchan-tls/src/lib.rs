@@ -47,7 +47,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use libchan_core::driver::{IoRead, IoWrite, Link, LinkRead, LinkWrite};
+use libchan_core::driver::{IoRead, IoWrite, Link, LinkRead, LinkWrite, WriteInline};
 use libchan_core::{Config, Error, ErrorKind, PeerIdentity, Role, Session};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
@@ -499,53 +499,8 @@ impl Link for TlsLink {
 
     fn split(self: Box<Self>) -> (Box<dyn LinkRead>, Box<dyn LinkWrite>) {
         let (r, w) = tokio::io::split(self.0);
-        (Box::new(IoRead(r)), Box::new(TlsWrite(IoWrite(w))))
-    }
-}
-
-/// The write half of a [`TlsLink`]: an [`IoWrite`] that sending tasks may write with
-/// ([`LinkWrite::can_write_inline`]). rustls keeps records the socket did not take; the
-/// writer task flushes them when a sending task's flush would block.
-struct TlsWrite(IoWrite<tokio::io::WriteHalf<TlsStream<TcpStream>>>);
-
-impl LinkWrite for TlsWrite {
-    fn poll_write_fds(
-        &mut self,
-        cx: &mut std::task::Context<'_>,
-        buf: &[u8],
-        fds: &[std::os::fd::OwnedFd],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        self.0.poll_write_fds(cx, buf, fds)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.0.is_write_vectored()
-    }
-
-    fn poll_write_vectored_fds(
-        &mut self,
-        cx: &mut std::task::Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-        fds: &[std::os::fd::OwnedFd],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        self.0.poll_write_vectored_fds(cx, bufs, fds)
-    }
-
-    fn can_write_inline(&self) -> bool {
-        true
-    }
-
-    fn poll_flush(
-        &mut self,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        self.0.poll_flush(cx)
-    }
-
-    fn poll_shutdown(
-        &mut self,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        self.0.poll_shutdown(cx)
+        // Sending tasks may write it (`LinkWrite::can_write_inline`); rustls keeps the
+        // records the socket did not take, and the writer task flushes them.
+        (Box::new(IoRead(r)), Box::new(WriteInline(IoWrite(w))))
     }
 }

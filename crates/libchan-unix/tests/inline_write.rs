@@ -15,23 +15,22 @@ const GUARD: Duration = Duration::from_secs(10);
 async fn pair_with_peek() -> (Session, Session, StdUnixStream) {
     let (x, y) = StdUnixStream::pair().expect("socketpair");
     let peek = x.try_clone().expect("dup");
-    for s in [&x, &y] {
-        s.set_nonblocking(true).expect("nonblocking");
-    }
+    let (a, b) = sessions_over(x, y).await;
+    (a, b, peek)
+}
+
+/// A dialer session over `x` and a listener session over `y`.
+async fn sessions_over(x: StdUnixStream, y: StdUnixStream) -> (Session, Session) {
     let config = Config::new(libchan_codec_cbor::Cbor);
+    let socket = |s: StdUnixStream| {
+        s.set_nonblocking(true).expect("nonblocking");
+        tokio::net::UnixStream::from_std(s).expect("tokio socket")
+    };
     let (a, b) = tokio::join!(
-        libchan_unix::over_stream(
-            tokio::net::UnixStream::from_std(x).expect("tokio socket"),
-            Role::Dialer,
-            &config
-        ),
-        libchan_unix::over_stream(
-            tokio::net::UnixStream::from_std(y).expect("tokio socket"),
-            Role::Listener,
-            &config
-        ),
+        libchan_unix::over_stream(socket(x), Role::Dialer, &config),
+        libchan_unix::over_stream(socket(y), Role::Listener, &config),
     );
-    (a.expect("dialer"), b.expect("listener"), peek)
+    (a.expect("dialer"), b.expect("listener"))
 }
 
 /// Bytes waiting in a socket's receive queue (up to 64 KiB), left there.
@@ -92,23 +91,7 @@ async fn answers_sent_in_a_row_leave_before_the_sender_yields() {
 #[tokio::test(flavor = "current_thread")]
 async fn large_answers_written_by_the_sending_task_arrive_in_order() {
     let (x, y) = StdUnixStream::pair().expect("socketpair");
-    for s in [&x, &y] {
-        s.set_nonblocking(true).expect("nonblocking");
-    }
-    let config = Config::new(libchan_codec_cbor::Cbor);
-    let (a, b) = tokio::join!(
-        libchan_unix::over_stream(
-            tokio::net::UnixStream::from_std(x).expect("tokio socket"),
-            Role::Dialer,
-            &config
-        ),
-        libchan_unix::over_stream(
-            tokio::net::UnixStream::from_std(y).expect("tokio socket"),
-            Role::Listener,
-            &config
-        ),
-    );
-    let (a, b) = (a.expect("dialer"), b.expect("listener"));
+    let (a, b) = sessions_over(x, y).await;
     let tx = a.open::<String>().await.expect("open");
     let mut rx = b
         .accept::<String>()
