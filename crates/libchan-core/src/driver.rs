@@ -789,7 +789,10 @@ async fn read_loop(shared: Arc<Shared>, mut r: Box<dyn LinkRead>) {
             (stop, m.next_read(&mut buf), m.take_fds_asked())
         });
         shared.input_woke.store(woken, Ordering::Relaxed);
-        if shared.inline_capable && got_input {
+        // Stored only when it changes: the flag is usually set already (an inline write
+        // takes it once per input at most), and a store on every read would take its
+        // cache line from the thread that sends.
+        if shared.inline_capable && got_input && !shared.read_since_inline.load(Ordering::Relaxed) {
             shared.read_since_inline.store(true, Ordering::Relaxed);
         }
         if fds_asked {
