@@ -219,6 +219,91 @@ struct Direct {
     out: bool,
 }
 
+/// A queue that holds a lone item in place: most streams (a reply channel's) queue one
+/// message at a time, for which a `VecDeque` would allocate (on the thread that queues it,
+/// to be freed as often as not on another: the allocator's slow path). A second item moves
+/// both to the `VecDeque`, which keeps its capacity from then on.
+struct Queue<T> {
+    /// The only item, if there is exactly one and `rest` was empty when it came.
+    lone: Option<T>,
+    /// The items otherwise; empty while `lone` holds one.
+    rest: VecDeque<T>,
+}
+
+impl<T> Default for Queue<T> {
+    fn default() -> Self {
+        Queue {
+            lone: None,
+            rest: VecDeque::new(),
+        }
+    }
+}
+
+impl<T> Queue<T> {
+    fn is_empty(&self) -> bool {
+        self.lone.is_none() && self.rest.is_empty()
+    }
+
+    fn push_back(&mut self, item: T) {
+        if let Some(first) = self.lone.take() {
+            self.rest.push_back(first);
+        } else if self.rest.is_empty() {
+            self.lone = Some(item);
+            return;
+        }
+        self.rest.push_back(item);
+    }
+
+    fn pop_front(&mut self) -> Option<T> {
+        self.lone.take().or_else(|| self.rest.pop_front())
+    }
+
+    fn front(&self) -> Option<&T> {
+        self.lone.as_ref().or_else(|| self.rest.front())
+    }
+
+    fn front_mut(&mut self) -> Option<&mut T> {
+        match &mut self.lone {
+            Some(item) => Some(item),
+            None => self.rest.front_mut(),
+        }
+    }
+
+    fn back_mut(&mut self) -> Option<&mut T> {
+        match &mut self.lone {
+            Some(item) => Some(item),
+            None => self.rest.back_mut(),
+        }
+    }
+
+    fn clear(&mut self) {
+        self.lone = None;
+        self.rest.clear();
+    }
+
+    /// Room for `n` more items without reallocating (one alone needs none).
+    fn reserve(&mut self, n: usize) {
+        let total = self.rest.len() + usize::from(self.lone.is_some()) + n;
+        if total > 1 {
+            self.rest.reserve(total - self.rest.len());
+        }
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &T> {
+        self.lone.iter().chain(self.rest.iter())
+    }
+}
+
+impl<T> IntoIterator for Queue<T> {
+    type Item = T;
+    type IntoIter =
+        std::iter::Chain<std::option::IntoIter<T>, std::collections::vec_deque::IntoIter<T>>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.lone.into_iter().chain(self.rest)
+    }
+}
+
 /// The tasks waiting on a stream's send side. Clones of a Sender may wait at once (for
 /// window, for the end), so every one is woken, not only the last to register; a task
 /// registers once however often it polls. A waiter whose future was dropped is woken once
@@ -327,7 +412,7 @@ struct Stream {
     can_recv: bool,
     // receive half
     rx: RxState,
-    msgs: VecDeque<RecvItem>,
+    msgs: Queue<RecvItem>,
     bytes: VecDeque<Bytes>,
     buffered: usize,
     /// Boxed: rare (only messages spanning DATA frames) and large.
@@ -336,7 +421,7 @@ struct Stream {
     rx_waker: Option<Waker>,
     // send half
     tx: TxState,
-    queue: VecDeque<Chunk>,
+    queue: Queue<Chunk>,
     pending: usize,
     credit: u32,
     end: Option<End>,
@@ -371,14 +456,14 @@ impl Stream {
             can_send,
             can_recv,
             rx: RxState::Open,
-            msgs: VecDeque::new(),
+            msgs: Queue::default(),
             bytes: VecDeque::new(),
             buffered: 0,
             partial: None,
             outstanding: if can_recv { outstanding } else { 0 },
             rx_waker: None,
             tx: TxState::Open,
-            queue: VecDeque::new(),
+            queue: Queue::default(),
             pending: 0,
             credit,
             end: None,
@@ -1115,7 +1200,7 @@ impl Mux {
             }
             self.flush = true;
         }
-        let mut dropped = std::mem::take(&mut s.msgs);
+        let dropped = std::mem::take(&mut s.msgs);
         s.bytes.clear();
         s.buffered = 0;
         if let Some(p) = s.partial.take() {
@@ -1146,7 +1231,7 @@ impl Mux {
             s.tx = TxState::Ending;
         }
         self.mark_ready(id);
-        for m in dropped.drain(..).flatten() {
+        for m in dropped.into_iter().flatten() {
             self.release_refs(m.refs());
         }
         self.maybe_remove(id);
@@ -1259,8 +1344,8 @@ impl Mux {
                         k += 1;
                     }
                     more.reserve_exact(k);
-                    for m in s.msgs.drain(..k) {
-                        let Ok(m) = m else {
+                    for _ in 0..k {
+                        let Some(Ok(m)) = s.msgs.pop_front() else {
                             unreachable!("counted only messages")
                         };
                         let n = m.wire_len();
@@ -2969,4 +3054,52 @@ fn complete(body: Bytes, payload_len: usize, nrefs: usize, fds: Vec<OwnedFd>) ->
         refs.push(WireRef { kind, id });
     }
     Ok(Queued::new(payload, refs, fds))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Queue;
+
+    /// Drains `q` front to back.
+    fn drained(q: &mut Queue<u32>) -> Vec<u32> {
+        std::iter::from_fn(|| q.pop_front()).collect()
+    }
+
+    #[test]
+    fn a_queue_keeps_order_through_lone_and_shared_storage() {
+        let mut q = Queue::default();
+        assert!(q.is_empty());
+        q.push_back(1);
+        assert_eq!(q.front(), Some(&1));
+        assert_eq!(q.rest.capacity(), 0, "a lone item allocates nothing");
+        q.push_back(2);
+        q.push_back(3);
+        *q.back_mut().expect("three items") += 10;
+        *q.front_mut().expect("three items") += 100;
+        assert_eq!(q.iter().copied().collect::<Vec<_>>(), [101, 2, 13]);
+        assert_eq!(q.pop_front(), Some(101));
+        q.push_back(4);
+        assert_eq!(drained(&mut q), [2, 13, 4]);
+        assert!(q.is_empty());
+        // Emptied, the next lone item is kept in place again, before any later ones.
+        q.push_back(5);
+        assert!(q.lone.is_some());
+        q.push_back(6);
+        assert_eq!(q.front(), Some(&5));
+        assert_eq!(q.into_iter().collect::<Vec<_>>(), [5, 6]);
+    }
+
+    #[test]
+    fn a_queue_reserves_only_for_more_than_one_item() {
+        let mut q: Queue<u32> = Queue::default();
+        q.reserve(1);
+        assert_eq!(q.rest.capacity(), 0);
+        q.reserve(3);
+        assert!(q.rest.capacity() >= 3);
+        q.push_back(1);
+        q.reserve(1);
+        assert!(q.rest.capacity() >= 2);
+        q.clear();
+        assert!(q.is_empty() && q.front().is_none() && q.back_mut().is_none());
+    }
 }
