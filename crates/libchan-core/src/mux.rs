@@ -1495,7 +1495,7 @@ impl Mux {
     }
 
     /// Starts a graceful close: GOAWAY is sent, no new channels are accepted or opened,
-    /// existing ones finish.
+    /// existing ones finish (those the peer opened that wait to be accepted too).
     pub fn goaway(&mut self, reason: Reason, message: &str) {
         if self.goaway_sent || self.lost.is_some() {
             return;
@@ -1508,16 +1508,11 @@ impl Mux {
             .map_or(Limits::MIN_FRAME_SIZE, |p| p.max_frame_size);
         frame::encode_goaway(&mut self.ctrl, self.last_peer, reason, message, max);
         self.flush = true;
+        // Channels the peer opened before (waiting in the accept queue) stay: they are
+        // open streams, which a graceful end lets finish; `poll_accept` hands them out
+        // before it reports the end.
         let w = self.accept_waker.take();
         self.wake(w);
-        let pending: Vec<u32> = self.accept_q.drain(..).collect();
-        for id in pending {
-            if let Some(s) = self.streams.get_mut(&id) {
-                s.claimed = true;
-                s.handle = true;
-            }
-            self.release(id);
-        }
     }
 
     /// True if frames are ready to be sent (what [`poll_transmit`](Mux::poll_transmit)

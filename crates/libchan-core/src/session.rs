@@ -233,7 +233,9 @@ impl Session {
         }
     }
 
-    /// Starts a graceful close: no new channels either way; channels already open finish.
+    /// Starts a graceful close: no new channels either way; channels already open finish,
+    /// including those the peer opened that are not accepted yet ([`accept`](Session::accept)
+    /// returns them before it returns `Ok(None)`).
     ///
     /// ```
     /// # #[tokio::main(flavor = "current_thread")]

@@ -77,7 +77,8 @@ macro_rules! conformance {
                 many_concurrent_channels_with_nested_refs, no_leaks_after_short_lived_nested,
                 no_leaks_for_every_kind_of_end,
                 loss_fails_pending_ops, fd_passing, accept_wrong_type_is_decode_error,
-                session_close_is_graceful, backpressure_bounds_memory, delivery_confirmation,
+                session_close_is_graceful, channels_opened_before_close_are_still_accepted,
+                backpressure_bounds_memory, delivery_confirmation,
                 blobs);
         }
     };

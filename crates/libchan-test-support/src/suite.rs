@@ -920,6 +920,38 @@ pub async fn session_close_is_graceful(pair: Arc<PairFn>, _caps: Caps) {
     assert_eq!(within("eos", rx.recv()).await.expect("eos"), None);
 }
 
+/// A channel the peer opened before `close()` is still accepted after it: a close refuses
+/// new channels and lets open ones finish (PROTOCOL.md §10), including those waiting to be
+/// accepted; then accept ends.
+pub async fn channels_opened_before_close_are_still_accepted(pair: Arc<PairFn>, caps: Caps) {
+    let (a, b) = pair().await;
+    let tx = a.open::<u32>().await.expect("open");
+    send(&tx, 7).await;
+    if caps.loss {
+        // Over a connection: wait until b has the opening (in memory it has it at once).
+        within("the opening arrives", async {
+            while b.stats().connection.pending_accepts == 0 {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await;
+    }
+    b.close();
+    let mut rx = within("accept after close", b.accept::<u32>())
+        .await
+        .expect("accept")
+        .expect("the channel opened before the close");
+    assert_eq!(recv(&mut rx).await, 7);
+    assert!(within("accept", b.accept::<u32>())
+        .await
+        .expect("accept")
+        .is_none());
+    send(&tx, 8).await;
+    assert_eq!(recv(&mut rx).await, 8);
+    drop(tx);
+    assert_eq!(within("eos", rx.recv()).await.expect("eos"), None);
+}
+
 /// A receiver that does not read makes the sender wait (no unbounded buffering).
 pub async fn backpressure_bounds_memory(pair: Arc<PairFn>, _caps: Caps) {
     let (a, b) = pair().await;
