@@ -94,26 +94,44 @@ impl Role {
 
 type RecvItem = Result<Queued, Error>;
 
-/// A received message waiting for the application, kept small (40 bytes): a stream holds
+/// A received message waiting for the application, kept small (48 bytes): a stream holds
 /// up to a window of them, and most carry no references or descriptors.
 struct Queued {
     payload: Bytes,
-    extra: Option<Box<(Vec<WireRef>, Vec<OwnedFd>)>>,
+    extra: Extra,
+}
+
+/// What a queued message carries besides its payload.
+enum Extra {
+    None,
+    /// One reference and no descriptors (a request and its reply Sender), in place: the
+    /// reader allocates nothing for it (the receiving task makes the table's `Vec`, on
+    /// its own thread).
+    OneRef(WireRef),
+    Boxed(Box<(Vec<WireRef>, Vec<OwnedFd>)>),
 }
 
 impl Queued {
     fn new(payload: Bytes, refs: Vec<WireRef>, fds: Vec<OwnedFd>) -> Queued {
-        let extra = (!refs.is_empty() || !fds.is_empty()).then(|| Box::new((refs, fds)));
+        let extra = if refs.is_empty() && fds.is_empty() {
+            Extra::None
+        } else {
+            Extra::Boxed(Box::new((refs, fds)))
+        };
         Queued { payload, extra }
     }
 
     fn refs(&self) -> &[WireRef] {
-        self.extra.as_ref().map_or(&[], |e| &e.0)
+        match &self.extra {
+            Extra::None => &[],
+            Extra::OneRef(r) => std::slice::from_ref(r),
+            Extra::Boxed(e) => &e.0,
+        }
     }
 
     /// No references and no descriptors.
     fn is_plain(&self) -> bool {
-        self.extra.is_none()
+        matches!(self.extra, Extra::None)
     }
 
     /// What it counts against the window: its bytes on the wire.
@@ -122,7 +140,11 @@ impl Queued {
     }
 
     fn into_message(self) -> InMessage {
-        let (refs, fds) = self.extra.map_or_else(Default::default, |e| *e);
+        let (refs, fds) = match self.extra {
+            Extra::None => Default::default(),
+            Extra::OneRef(r) => (vec![r], Vec::new()),
+            Extra::Boxed(e) => *e,
+        };
         InMessage {
             payload: self.payload,
             refs,
@@ -3033,27 +3055,46 @@ fn complete(body: Bytes, payload_len: usize, nrefs: usize, fds: Vec<OwnedFd>) ->
         // No table to split off (a split would allocate a shared handle for the empty tail).
         return Ok(Queued::new(payload, Vec::new(), fds));
     }
-    let refs_bytes = payload.split_off(payload_len);
+    let table = payload.split_off(payload_len);
+    if nrefs == 1 && fds.is_empty() {
+        let r = parse_ref(&table, 0)?;
+        return Ok(Queued {
+            payload,
+            extra: Extra::OneRef(r),
+        });
+    }
     let mut refs = Vec::with_capacity(nrefs);
-    for r in refs_bytes.chunks_exact(REF_LEN) {
-        let Some(kind) = RefKind::from_code(r[0]) else {
-            return Err(Error::decode(format!("unknown reference kind {}", r[0])));
-        };
-        let id = u32::from_be_bytes([r[1], r[2], r[3], r[4]]);
-        if kind == RefKind::Fd && id as usize >= fds.len() {
-            return Err(Error::decode(format!(
-                "fd reference {id} but the message carries {} descriptors",
-                fds.len()
-            )));
-        }
-        refs.push(WireRef { kind, id });
+    for r in table.chunks_exact(REF_LEN) {
+        refs.push(parse_ref(r, fds.len())?);
     }
     Ok(Queued::new(payload, refs, fds))
 }
 
+/// One entry of a reference table (docs/PROTOCOL.md §7), checked against the `nfds`
+/// descriptors of its message.
+fn parse_ref(r: &[u8], nfds: usize) -> Result<WireRef, Error> {
+    let Some(kind) = RefKind::from_code(r[0]) else {
+        return Err(Error::decode(format!("unknown reference kind {}", r[0])));
+    };
+    let id = u32::from_be_bytes([r[1], r[2], r[3], r[4]]);
+    if kind == RefKind::Fd && id as usize >= nfds {
+        return Err(Error::decode(format!(
+            "fd reference {id} but the message carries {nfds} descriptors"
+        )));
+    }
+    Ok(WireRef { kind, id })
+}
+
 #[cfg(test)]
 mod tests {
-    use super::Queue;
+    use super::{Queue, Queued, RecvItem};
+
+    #[test]
+    fn a_queued_message_stays_small() {
+        // A stream holds up to a window of them.
+        assert!(std::mem::size_of::<Queued>() <= 48);
+        assert!(std::mem::size_of::<RecvItem>() <= 48);
+    }
 
     /// Drains `q` front to back.
     fn drained(q: &mut Queue<u32>) -> Vec<u32> {

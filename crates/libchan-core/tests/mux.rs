@@ -1427,3 +1427,71 @@ fn a_driver_that_stops_reading_into_the_body_still_gets_every_byte() {
     }
     panic!("the message never arrived");
 }
+
+#[test]
+fn a_received_reference_table_is_read_whole_and_checked() {
+    let mut b = scripted();
+    let mut input = open(1, StreamKind::OpenerSends, 0);
+    // Each message in a frame of its own, then the same four in one frame (copied out of
+    // the read buffer together): one reference, an unknown kind, a descriptor reference
+    // without descriptors, two references.
+    let msgs = [
+        msg_bytes(&[0xf6], &[(1, 3)], 0),
+        msg_bytes(&[0xf6], &[(9, 3)], 0),
+        msg_bytes(&[0xf6], &[(4, 0)], 0),
+        msg_bytes(&[0xf6, 0xf6], &[(1, 3), (2, 5)], 0),
+    ];
+    for m in &msgs {
+        input.extend_from_slice(&data(1, false, m));
+    }
+    input.extend_from_slice(&data(1, false, &msgs.concat()));
+    b.handle_input(&mut input, &mut Vec::new())
+        .expect("survives");
+    let id = accept(&mut b);
+    for round in 0..2 {
+        let Poll::Ready(Ok(Some(m))) = recv(&mut b, id) else {
+            panic!("round {round}: one reference")
+        };
+        assert_eq!(&m.payload[..], [0xf6]);
+        assert_eq!(
+            m.refs,
+            [WireRef {
+                kind: RefKind::Sender,
+                id: 3
+            }]
+        );
+        let Poll::Ready(Err(e)) = recv(&mut b, id) else {
+            panic!("round {round}: unknown kind")
+        };
+        assert!(
+            e.is_decode() && e.message().contains("unknown reference kind 9"),
+            "{e}"
+        );
+        let Poll::Ready(Err(e)) = recv(&mut b, id) else {
+            panic!("round {round}: descriptor reference")
+        };
+        assert!(
+            e.message()
+                .contains("fd reference 0 but the message carries 0 descriptors"),
+            "{e}"
+        );
+        let Poll::Ready(Ok(Some(m))) = recv(&mut b, id) else {
+            panic!("round {round}: two references")
+        };
+        assert_eq!(&m.payload[..], [0xf6, 0xf6]);
+        assert_eq!(
+            m.refs,
+            [
+                WireRef {
+                    kind: RefKind::Sender,
+                    id: 3
+                },
+                WireRef {
+                    kind: RefKind::Receiver,
+                    id: 5
+                }
+            ]
+        );
+    }
+    assert!(matches!(recv(&mut b, id), Poll::Pending));
+}
