@@ -134,6 +134,21 @@ fn native_pair() -> (NativeConn, NativeConn) {
     )
 }
 
+/// The session's last handle is gone: the channels the peer opened that nobody accepted
+/// can never be accepted now, so they end (the peer's sender sees its channel closed).
+impl Drop for NativeConn {
+    fn drop(&mut self) {
+        let pending: Vec<u32> = self.w().accept[self.side].drain(..).collect();
+        for id in pending {
+            if let Some(s) = self.w().streams.get_mut(&id) {
+                s.claimed = true;
+                s.held[self.side] = true;
+            }
+            self.release(id);
+        }
+    }
+}
+
 impl NativeConn {
     fn w(&self) -> std::sync::MutexGuard<'_, World> {
         self.world.lock().unwrap_or_else(|e| e.into_inner())

@@ -707,8 +707,11 @@ impl MuxConnection {
 
 impl Drop for MuxConnection {
     fn drop(&mut self) {
-        self.shared
-            .with(|m| m.goaway(Reason::NO_ERROR, "session closed"));
+        // Nothing can accept the peer's pending channels any more: end them too.
+        self.shared.with(|m| {
+            m.goaway(Reason::NO_ERROR, "session closed");
+            m.release_unaccepted();
+        });
     }
 }
 

@@ -1537,6 +1537,20 @@ impl Mux {
         self.wake(w);
     }
 
+    /// Releases the channels the peer opened that wait to be accepted (the peer sees them
+    /// cancelled): for when nothing can accept them any more (the session's last handle
+    /// is gone), so that the connection can end.
+    pub fn release_unaccepted(&mut self) {
+        let pending: Vec<u32> = self.accept_q.drain(..).collect();
+        for id in pending {
+            if let Some(s) = self.streams.get_mut(&id) {
+                s.claimed = true;
+                s.handle = true;
+            }
+            self.release(id);
+        }
+    }
+
     /// True if frames are ready to be sent (what [`poll_transmit`](Mux::poll_transmit)
     /// would return is not empty, credit and descriptors allowing).
     ///

@@ -78,6 +78,7 @@ macro_rules! conformance {
                 no_leaks_for_every_kind_of_end,
                 loss_fails_pending_ops, fd_passing, accept_wrong_type_is_decode_error,
                 session_close_is_graceful, channels_opened_before_close_are_still_accepted,
+                unaccepted_channels_end_with_the_session,
                 backpressure_bounds_memory, delivery_confirmation,
                 blobs);
         }

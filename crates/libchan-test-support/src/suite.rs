@@ -952,6 +952,24 @@ pub async fn channels_opened_before_close_are_still_accepted(pair: Arc<PairFn>, 
     assert_eq!(within("eos", rx.recv()).await.expect("eos"), None);
 }
 
+/// When the last handle of a session goes, the channels the peer opened that nobody
+/// accepted are ended (nobody can accept them any more): the peer's sender learns it.
+pub async fn unaccepted_channels_end_with_the_session(pair: Arc<PairFn>, caps: Caps) {
+    let (a, b) = pair().await;
+    let tx = a.open::<u32>().await.expect("open");
+    send(&tx, 7).await;
+    if caps.loss {
+        within("the opening arrives", async {
+            while b.stats().connection.pending_accepts == 0 {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await;
+    }
+    drop(b);
+    within("the sender learns its channel ended", tx.closed()).await;
+}
+
 /// A receiver that does not read makes the sender wait (no unbounded buffering).
 pub async fn backpressure_bounds_memory(pair: Arc<PairFn>, _caps: Caps) {
     let (a, b) = pair().await;
