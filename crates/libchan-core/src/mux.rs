@@ -3070,7 +3070,7 @@ fn complete(body: Bytes, payload_len: usize, nrefs: usize, fds: Vec<OwnedFd>) ->
         return Ok(Queued::new(payload, Vec::new(), fds));
     }
     let table = payload.split_off(payload_len);
-    if nrefs == 1 && fds.is_empty() {
+    if nrefs == 1 && fds.is_empty() && table.len() == REF_LEN {
         let r = parse_ref(&table, 0)?;
         return Ok(Queued {
             payload,
@@ -3084,8 +3084,8 @@ fn complete(body: Bytes, payload_len: usize, nrefs: usize, fds: Vec<OwnedFd>) ->
     Ok(Queued::new(payload, refs, fds))
 }
 
-/// One entry of a reference table (docs/PROTOCOL.md §7), checked against the `nfds`
-/// descriptors of its message.
+/// One entry of a reference table (docs/PROTOCOL.md §7, `REF_LEN` bytes), checked
+/// against the `nfds` descriptors of its message.
 fn parse_ref(r: &[u8], nfds: usize) -> Result<WireRef, Error> {
     let Some(kind) = RefKind::from_code(r[0]) else {
         return Err(Error::decode(format!("unknown reference kind {}", r[0])));
