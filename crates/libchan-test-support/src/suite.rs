@@ -920,10 +920,9 @@ pub async fn session_close_is_graceful(pair: Arc<PairFn>, _caps: Caps) {
     assert_eq!(within("eos", rx.recv()).await.expect("eos"), None);
 }
 
-/// A channel the peer opened before `close()` is still accepted after it: a close refuses
-/// new channels and lets open ones finish (PROTOCOL.md §10), including those waiting to be
-/// accepted; then accept ends.
-pub async fn channels_opened_before_close_are_still_accepted(pair: Arc<PairFn>, caps: Caps) {
+/// A pair where the first session opened a channel and sent 7 on it, and the second has
+/// the opening waiting to be accepted.
+async fn opened_not_accepted(pair: &Arc<PairFn>, caps: Caps) -> (Session, Session, Sender<u32>) {
     let (a, b) = pair().await;
     let tx = a.open::<u32>().await.expect("open");
     send(&tx, 7).await;
@@ -936,6 +935,14 @@ pub async fn channels_opened_before_close_are_still_accepted(pair: Arc<PairFn>, 
         })
         .await;
     }
+    (a, b, tx)
+}
+
+/// A channel the peer opened before `close()` is still accepted after it: a close refuses
+/// new channels and lets open ones finish (PROTOCOL.md §10), including those waiting to be
+/// accepted; then accept ends.
+pub async fn channels_opened_before_close_are_still_accepted(pair: Arc<PairFn>, caps: Caps) {
+    let (_a, b, tx) = opened_not_accepted(&pair, caps).await;
     b.close();
     let mut rx = within("accept after close", b.accept::<u32>())
         .await
@@ -955,17 +962,7 @@ pub async fn channels_opened_before_close_are_still_accepted(pair: Arc<PairFn>, 
 /// When the last handle of a session goes, the channels the peer opened that nobody
 /// accepted are ended (nobody can accept them any more): the peer's sender learns it.
 pub async fn unaccepted_channels_end_with_the_session(pair: Arc<PairFn>, caps: Caps) {
-    let (a, b) = pair().await;
-    let tx = a.open::<u32>().await.expect("open");
-    send(&tx, 7).await;
-    if caps.loss {
-        within("the opening arrives", async {
-            while b.stats().connection.pending_accepts == 0 {
-                tokio::task::yield_now().await;
-            }
-        })
-        .await;
-    }
+    let (_a, b, tx) = opened_not_accepted(&pair, caps).await;
     drop(b);
     within("the sender learns its channel ended", tx.closed()).await;
 }
