@@ -547,7 +547,7 @@ impl Shared {
     }
 
     fn lock(&self) -> MutexGuard<'_, Mux> {
-        self.mux.lock().unwrap_or_else(|e| e.into_inner())
+        crate::spin::lock_spinning(&self.mux)
     }
 
     /// Runs `f` on the mux, then wakes whoever it asked for, and the writer task if `f`

@@ -92,6 +92,7 @@ pub mod frame;
 pub mod message;
 pub mod mux;
 pub mod session;
+mod spin;
 pub mod stream;
 
 pub use attachment::{Attachment, AttachmentKind};

@@ -443,32 +443,22 @@ impl NetSession {
 
     pub(crate) fn export_sender<T: Message>(&self, id: u32, tx: Sender<T>) {
         let shared: ExportedSender = Arc::new(tx);
-        self.origins
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(id, Origin::Sender(shared));
+        crate::spin::lock_spinning(&self.origins).insert(id, Origin::Sender(shared));
     }
 
     pub(crate) fn unexport(&self, id: u32) {
-        let v = self
-            .origins
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&id);
+        let v = crate::spin::lock_spinning(&self.origins).remove(&id);
         drop(v);
     }
 
     /// Remembers how to get a Receiver sent on stream `id` back if it returns.
     pub(crate) fn export_returned<H: Send + 'static>(&self, id: u32, handle: H) {
-        self.origins
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(id, Origin::Returned(Box::new(handle)));
+        crate::spin::lock_spinning(&self.origins).insert(id, Origin::Returned(Box::new(handle)));
     }
 
     /// Takes what [`export_returned`](NetSession::export_returned) stored for `id`.
     pub(crate) fn take_returned<H: Send + 'static>(&self, id: u32) -> Option<H> {
-        let mut o = self.origins.lock().unwrap_or_else(|e| e.into_inner());
+        let mut o = crate::spin::lock_spinning(&self.origins);
         if matches!(o.get(&id), Some(Origin::Returned(b)) if b.is::<H>()) {
             match o.remove(&id) {
                 Some(Origin::Returned(b)) => b.downcast::<H>().ok().map(|b| *b),
@@ -481,9 +471,7 @@ impl NetSession {
 
     /// The Sender exported on stream `id`, untyped.
     pub(crate) fn exported_sender_any(&self, id: u32) -> Option<ExportedSender> {
-        self.origins
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+        crate::spin::lock_spinning(&self.origins)
             .get(&id)
             .and_then(|o| match o {
                 Origin::Sender(s) => Some(s.clone()),
