@@ -275,7 +275,10 @@ pub(crate) struct RemoteSender {
     /// The last send left the channel below its send threshold: the next one need not
     /// ask the connection first (one lock per send instead of two). Only a send by
     /// another clone in between can have filled it since, so the threshold is exceeded
-    /// by at most one message per clone sending at that moment.
+    /// by at most one message per clone sending at that moment. True for a new handle:
+    /// its stream was just opened or claimed, nothing is queued on it yet, and a stream
+    /// that failed meanwhile fails the send itself (a reply Sender's one answer takes the
+    /// lock once, not twice).
     ready: AtomicBool,
     /// Sends that went without spending cooperative budget since the last that spent
     /// one (see [`COOP_EVERY`]); shared by clones, as a hint only.
@@ -1031,7 +1034,7 @@ impl RemoteSender {
             id,
             closed: AtomicBool::new(false),
             size_hint: AtomicUsize::new(64),
-            ready: AtomicBool::new(false),
+            ready: AtomicBool::new(true),
             coop_turn: AtomicU32::new(0),
         })
     }
