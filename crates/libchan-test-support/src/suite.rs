@@ -415,6 +415,50 @@ pub async fn sender_sent_back_with_messages_in_flight(pair: Arc<PairFn>, _caps: 
     .await;
 }
 
+/// A receiver dropped with messages that arrived and were never decoded: the ends those
+/// messages carry are released, both the peer's new channels and our own Senders sent
+/// back (which otherwise keep our channel from ending: it waits for such a message to be
+/// decoded, so that the Sender in it resolves to the original).
+pub async fn undecoded_messages_release_their_ends(pair: Arc<PairFn>, caps: Caps) {
+    const N: usize = 8;
+    let (a, b) = pair().await;
+    let (to_b, mut at_b) = open_pair::<Sender<u32>>(&a, &b).await;
+    let (to_a, mut at_a) = open_pair::<(u32, Sender<u32>, Sender<u32>)>(&b, &a).await;
+    let (orig, mut orig_rx) = channel::<u32>(4);
+    send(&to_b, orig.clone()).await;
+    let proxy = recv(&mut at_b).await;
+    let base = a.stats().connection.streams;
+    let mut replies = Vec::new();
+    for i in 0..N as u32 {
+        let (tx, rx) = channel::<u32>(1);
+        replies.push(rx);
+        send(&to_a, (i, tx, proxy.clone())).await;
+    }
+    // Over a connection each message opens a channel at `a` before it arrives: once all
+    // are open, the messages are queued there too (on an ordered connection) when the
+    // receiver goes. (In memory there is no connection to count.)
+    if caps.loss {
+        crate::wait_until("the messages to arrive", || {
+            a.stats().connection.streams >= base + N
+        })
+        .await;
+    }
+    let (first, _, back) = recv(&mut at_a).await;
+    assert_eq!(first, 0);
+    assert!(back.same_channel(&orig));
+    drop((back, at_a, proxy, orig));
+    for mut rx in replies {
+        // Ok(None) for the one decoded and dropped, an error for the others: no hang.
+        let _ = within("a reply channel to end", rx.recv()).await;
+    }
+    assert_eq!(
+        within("our own channel to end", orig_rx.recv())
+            .await
+            .expect("clean end"),
+        None
+    );
+}
+
 /// Ends forwarded through a middle session reach the far side and work both ways.
 pub async fn forwarding_through_proxy_session(pair: Arc<PairFn>, _caps: Caps) {
     let (a, b1) = pair().await;
