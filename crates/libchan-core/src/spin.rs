@@ -28,9 +28,10 @@ fn lock_contended<T>(lock: &Mutex<T>) -> MutexGuard<'_, T> {
     if spin_worthwhile() {
         let start = Instant::now();
         loop {
-            for _ in 0..SPINS_PER_TRY {
-                std::hint::spin_loop();
-            }
+            // One pause between attempts: the lock is usually held for about 100 ns, and
+            // with 32 pauses (about 1 µs here) a waiter came late to most releases
+            // (unix rpc with 64 callers 398 k -> 467 k requests/s, stream 3.9 M -> 4.7 M).
+            std::hint::spin_loop();
             match lock.try_lock() {
                 Ok(g) => return g,
                 Err(TryLockError::Poisoned(e)) => return e.into_inner(),
@@ -48,9 +49,6 @@ fn lock_contended<T>(lock: &Mutex<T>) -> MutexGuard<'_, T> {
 /// wake-up cost on a virtual machine (20 µs on the benchmark machine; 5 µs gained half as
 /// much, 60 µs less).
 const SPIN_LIMIT: Duration = Duration::from_micros(20);
-
-/// Pauses between two attempts to take a contended lock.
-const SPINS_PER_TRY: u32 = 32;
 
 /// Spinning only helps when the lock's holder can run on another processor meanwhile.
 fn spin_worthwhile() -> bool {
