@@ -46,8 +46,9 @@ fn lock_contended<T>(lock: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 /// How long a thread spins for a contended lock before it blocks: about what a sleep and a
-/// wake-up cost on a virtual machine (20 µs on the benchmark machine; 5 µs gained half as
-/// much, 60 µs less).
+/// wake-up cost on a virtual machine (20 µs on the benchmark machine). With 32 pauses
+/// between attempts, 5 µs gained half as much and 60 µs less; with one pause, 5, 20, 50
+/// and 100 µs were within noise of each other.
 const SPIN_LIMIT: Duration = Duration::from_micros(20);
 
 /// Spinning only helps when the lock's holder can run on another processor meanwhile.
