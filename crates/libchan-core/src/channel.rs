@@ -654,15 +654,16 @@ fn remote_send<T: Message>(r: &Arc<RemoteSender>, value: T) -> Result<(), SendEr
     // reallocation of the whole buffer.
     let hint = r.size_hint.load(Ordering::Relaxed);
     let hint = hint + hint / 16 + 16;
-    let (msg, attach) = match encode_message(&r.session, &value, Vec::with_capacity(hint)) {
-        Ok(x) => x,
-        Err(error) => {
-            return Err(SendError {
-                message: value,
-                error,
-            })
-        }
-    };
+    let (msg, attach) =
+        match encode_message(&r.session, &value, crate::message::encode_buffer(hint)) {
+            Ok(x) => x,
+            Err(error) => {
+                return Err(SendError {
+                    message: value,
+                    error,
+                })
+            }
+        };
     // The next message of this channel likely has about this size: starting its buffer
     // there saves the copies of growing it (a 1 MiB message grown from 64 KiB was copied
     // twice). One small message after a large one brings the hint back down. Spliced

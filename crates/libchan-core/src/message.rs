@@ -16,6 +16,30 @@ use std::os::fd::OwnedFd;
 
 use bytes::Bytes;
 
+thread_local! {
+    /// An encoding buffer whose message went out by copy (see [`recycle_buffer`]).
+    static SPARE: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+/// Largest encoding buffer kept per thread for the next message.
+const SPARE_MAX: usize = 4096;
+
+/// A buffer for encoding a message of about `hint` bytes: the thread's spare one when it
+/// has one (its last small message's, copied into the outgoing frames), else a new one.
+pub(crate) fn encode_buffer(hint: usize) -> Vec<u8> {
+    let mut v = SPARE.with(|s| s.take());
+    v.clear();
+    v.reserve(hint);
+    v
+}
+
+/// Keeps `buf` as the thread's spare encoding buffer if it is small.
+pub(crate) fn recycle_buffer(buf: Vec<u8>) {
+    if buf.capacity() <= SPARE_MAX {
+        SPARE.with(|s| s.set(buf));
+    }
+}
+
 /// Length of the fixed message header.
 pub const MESSAGE_HEADER_LEN: usize = 8;
 /// Length of one reference entry.

@@ -454,6 +454,9 @@ struct Stream {
     reset_after: bool,
     /// Received messages not yet decoded that send this (local) Sender stream back to us.
     pins: u32,
+    /// Opened by the peer under a parent and not claimed or released yet: listed in
+    /// [`Mux::orphans`].
+    orphan: bool,
     /// Receive half: the application took the clean end and we confirmed it (CREDIT 0).
     end_confirmed: bool,
     /// Send half: the peer confirmed that its application took everything and the end.
@@ -493,6 +496,7 @@ impl Stream {
             in_ready: false,
             reset_after: false,
             pins: 0,
+            orphan: false,
             end_confirmed: false,
             delivered: false,
             delivered_waker: None,
@@ -549,6 +553,14 @@ pub struct Mux {
     ended_wakers: Vec<Waker>,
     handshake_waker: Option<Waker>,
     ctrl: BytesMut,
+    /// DATA frames of small messages sent straight into the outgoing frames, and ends sent
+    /// right away (see [`Mux::send_message`]): transmitted after `ctrl`, so after the OPEN
+    /// of any stream they reference.
+    immediate: BytesMut,
+    /// The stream of the last frame in `immediate` (0: none), its header at `imm_at`: a
+    /// later small message of the same stream extends that frame.
+    imm_id: u32,
+    imm_at: usize,
     ready: VecDeque<u32>,
     fd_in: VecDeque<OwnedFd>,
     wakers: Vec<Waker>,
@@ -559,7 +571,7 @@ pub struct Mux {
     budget: Budget,
     /// Streams the peer opened for a message on a channel (the key) and that no decoded
     /// message claimed yet. Released when that channel is over: nothing can claim them.
-    orphans: IdMap<Vec<u32>>,
+    orphans: IdMap<VecDeque<u32>>,
     /// The driver asks where to read ([`Mux::next_read`]), so large bodies may be read
     /// into directly.
     direct_reads: bool,
@@ -643,6 +655,9 @@ impl Mux {
             ended_wakers: Vec::new(),
             handshake_waker: None,
             ctrl,
+            immediate: BytesMut::new(),
+            imm_id: 0,
+            imm_at: 0,
             ready: VecDeque::new(),
             fd_in: VecDeque::new(),
             wakers: Vec::new(),
@@ -828,10 +843,19 @@ impl Mux {
     }
 
     fn forget_orphan(&mut self, parent: u32, id: u32) {
+        match self.streams.get_mut(&id) {
+            Some(s) if s.orphan => s.orphan = false,
+            _ => return,
+        }
+        // Messages are usually decoded in the order their streams were opened: the
+        // stream is usually the first of its parent's list (a scan of the list for every
+        // claim was 2% of the instructions of rpc with 64 callers). An emptied list is
+        // kept for the parent's next children; it goes with the parent.
         if let Some(v) = self.orphans.get_mut(&parent) {
-            v.retain(|c| *c != id);
-            if v.is_empty() {
-                self.orphans.remove(&parent);
+            if v.front() == Some(&id) {
+                v.pop_front();
+            } else if let Some(i) = v.iter().position(|c| *c == id) {
+                v.remove(i);
             }
         }
     }
@@ -940,6 +964,7 @@ impl Mux {
             peer.max_refs_per_message,
             peer.max_fds_per_message,
         );
+        let max_frame = (peer.max_frame_size as usize).min(FAIR_FRAME);
         let threshold = self.send_threshold();
         let len = msg.len();
         if len > max_msg as usize {
@@ -1002,6 +1027,36 @@ impl Mux {
             }
         }
         let s = self.streams.get_mut(&id).expect("checked above");
+        // (A message of at most COALESCE_MAX bytes fits any frame: max_frame_size is at
+        // least 16 KiB.)
+        if msg.splices.is_empty()
+            && msg.fds.is_empty()
+            && len <= COALESCE_MAX
+            && s.queue.is_empty()
+            && s.credit as usize >= len
+        {
+            // A small message with nothing queued ahead of it on its stream and the credit
+            // for it goes straight into the outgoing frames, in a DATA frame of its own or
+            // appended to the stream's frame written last: the writer then takes it with
+            // the control frames, without the stream's queue, its turn in the ready list or
+            // a look at the stream (written on the sending task's thread, read on the
+            // writer's); and the encoding buffer is kept for the thread's next message.
+            let imm = &mut self.immediate;
+            if self.imm_id == id && imm.len() - self.imm_at - frame::HEADER_LEN + len <= max_frame {
+                imm.extend_from_slice(&msg.buf);
+                let n = imm.len() - self.imm_at - frame::HEADER_LEN;
+                frame::patch_len(imm, self.imm_at, n);
+            } else {
+                self.imm_at = imm.len();
+                frame::encode_data_header(imm, id, len, false);
+                imm.extend_from_slice(&msg.buf);
+                self.imm_id = id;
+            }
+            s.credit -= len as u32;
+            self.flush = true;
+            crate::message::recycle_buffer(std::mem::take(&mut msg.buf));
+            return Ok((ids, s.pending < threshold));
+        }
         // The message's parts are taken where it lies: moving the whole `OutMessage` (it
         // is large) cost more than queueing a small one.
         if msg.splices.is_empty() {
@@ -1133,6 +1188,28 @@ impl Mux {
 
     fn end(&mut self, id: u32, end: End) {
         if let Some(s) = self.streams.get_mut(&id) {
+            if s.can_send
+                && s.kind != StreamKind::Bytes
+                && matches!(s.tx, TxState::Open)
+                && matches!(end, End::Fin)
+                && s.queue.is_empty()
+                && self.lost.is_none()
+                && self.peer.is_some()
+            {
+                // A channel with nothing queued: its end goes out now, on the stream's last
+                // frame if that was the last one sent (an answer and its end in one frame).
+                if self.imm_id == id {
+                    frame::patch_flags(&mut self.immediate, self.imm_at, frame::FLAG_FIN);
+                } else {
+                    frame::encode_data_header(&mut self.immediate, id, 0, true);
+                }
+                self.imm_id = 0;
+                s.tx = TxState::Done;
+                self.wakers.append(&mut s.tx_wakers.0);
+                self.flush = true;
+                self.maybe_remove(id);
+                return;
+            }
             if s.can_send && matches!(s.tx, TxState::Open) {
                 s.end = Some(end);
                 s.tx = TxState::Ending;
@@ -1563,12 +1640,15 @@ impl Mux {
     /// assert!(!a.wants_transmit());
     /// ```
     pub fn wants_transmit(&self) -> bool {
-        !self.ctrl.is_empty() || !self.ready.is_empty()
+        !self.ctrl.is_empty() || !self.immediate.is_empty() || !self.ready.is_empty()
     }
 
     /// True once GOAWAY was sent and every stream is gone: the connection may be shut.
     pub fn is_drained(&self) -> bool {
-        self.goaway_sent && self.streams.is_empty() && self.ctrl.is_empty()
+        self.goaway_sent
+            && self.streams.is_empty()
+            && self.ctrl.is_empty()
+            && self.immediate.is_empty()
     }
 
     /// Ready once the connection ended (gracefully or not).
@@ -1662,6 +1742,20 @@ impl Mux {
         if !self.ctrl.is_empty() {
             out.extend_from_slice(&self.ctrl);
             self.ctrl.clear();
+        }
+        if self.lost.is_some() {
+            // A failed connection sends its GOAWAY (in `ctrl`) and no more data.
+            self.immediate.clear();
+            self.imm_id = 0;
+        } else if !self.immediate.is_empty() {
+            if out.is_empty() && self.immediate.len() > 4096 {
+                // Many messages: hand their bytes over rather than copy them.
+                std::mem::swap(out, &mut self.immediate);
+            } else {
+                out.extend_from_slice(&self.immediate);
+                self.immediate.clear();
+            }
+            self.imm_id = 0;
         }
         let Some(peer) = self.peer.as_ref() else {
             return;
@@ -2467,12 +2561,13 @@ impl Mux {
             return Ok(());
         }
         let credit = self.peer.as_ref().map_or(0, |p| p.initial_window);
-        let s = Stream::new(kind, false, parent, credit, self.local.initial_window);
+        let mut s = Stream::new(kind, false, parent, credit, self.local.initial_window);
+        if parent != 0 {
+            s.orphan = true;
+            self.orphans.entry(parent).or_default().push_back(id);
+        }
         self.streams.insert(id, Box::new(s));
         self.peer_open += 1;
-        if parent != 0 {
-            self.orphans.entry(parent).or_default().push(id);
-        }
         if parent == 0 {
             self.accept_q.push_back(id);
             let w = self.accept_waker.take();

@@ -277,7 +277,9 @@ fn frames_are_capped_at_64_kib_while_another_stream_waits() {
     let small = p.a.open(StreamKind::OpenerSends).expect("open");
     p.a.send_message(big, message(&vec![7u8; 1 << 20]))
         .expect("big");
-    p.a.send_message(small, message(b"small")).expect("small");
+    // Above the size of messages sent straight into the outgoing frames: it is queued.
+    p.a.send_message(small, message(&[5u8; 2000]))
+        .expect("small");
     let frames = sent_frames(&mut p.a);
     let sizes: Vec<(u32, usize)> = frames
         .iter()
@@ -816,12 +818,14 @@ fn a_batch_ending_just_short_of_a_header_does_not_spin() {
         p.a.poll_transmit(&mut flush, &mut Vec::new(), 1 << 20);
         p.b.handle_input(&mut flush, &mut Vec::new())
             .expect("opens");
-        let max = 1000;
+        // Messages above the size sent straight into the outgoing frames: both queued.
+        let max = 3000;
         // One DATA frame: 9 header + 8 message header + payload.
         let payload = max - short - 9 - 8;
         p.a.send_message(s1, message(&vec![1u8; payload]))
             .expect("send");
-        p.a.send_message(s3, message(b"next")).expect("send");
+        let next = vec![3u8; 1100];
+        p.a.send_message(s3, message(&next)).expect("send");
         let mut out = BytesMut::new();
         p.a.poll_transmit(&mut out, &mut Vec::new(), max);
         assert!(out.len() <= max + 9 + 8, "short {short}: {}", out.len());
@@ -830,7 +834,7 @@ fn a_batch_ending_just_short_of_a_header_does_not_spin() {
         let (b1, b3) = (accept(&mut p.b), accept(&mut p.b));
         assert!(matches!(recv(&mut p.b, b1), Poll::Ready(Ok(Some(_)))));
         assert!(
-            matches!(recv(&mut p.b, b3), Poll::Ready(Ok(Some(m))) if &m.payload[..] == b"next")
+            matches!(recv(&mut p.b, b3), Poll::Ready(Ok(Some(m))) if m.payload[..] == next[..])
         );
     }
 }
@@ -1494,4 +1498,65 @@ fn a_received_reference_table_is_read_whole_and_checked() {
         );
     }
     assert!(matches!(recv(&mut b, id), Poll::Pending));
+}
+
+#[test]
+fn small_messages_and_their_end_leave_in_one_frame() {
+    let mut p = Pair::new();
+    let id = p.a.open(StreamKind::OpenerSends).expect("open");
+    p.a.send_message(id, message(b"one")).expect("one");
+    p.a.send_message(id, message(b"two")).expect("two");
+    p.a.finish(id);
+    let data: Vec<Frame> = sent_frames(&mut p.a)
+        .into_iter()
+        .filter(|f| matches!(f, Frame::Data { .. }))
+        .collect();
+    // Two messages of an 8-byte header and 3 bytes each, and the end, in one DATA frame.
+    assert!(
+        matches!(&data[..], [Frame::Data { stream, fin: true, payload }]
+            if *stream == id && payload.len() == 2 * (8 + 3)),
+        "{data:?}"
+    );
+}
+
+#[test]
+fn a_small_message_never_overtakes_what_its_stream_queued() {
+    // Messages of 1,000 bytes (queued: above the size sent straight into the frames) and
+    // of 10 (sent straight when nothing is queued ahead and there is credit), more than
+    // the window holds: they arrive in the order sent.
+    let mut p = Pair::new();
+    let window = Limits::default().initial_window as usize;
+    let id = p.a.open(StreamKind::OpenerSends).expect("open");
+    let n = 3 * window / 1000;
+    let payload = |i: usize| {
+        let len = if i.is_multiple_of(3) { 10 } else { 1000 };
+        let mut v = vec![(i % 251) as u8; len];
+        v[..4].copy_from_slice(&(i as u32).to_be_bytes());
+        v
+    };
+    for i in 0..n {
+        p.a.send_message(id, message(&payload(i))).expect("send");
+    }
+    p.a.finish(id);
+    let mut got = 0;
+    let mut b_id = None;
+    for _ in 0..10_000 {
+        p.run();
+        let bid = *b_id.get_or_insert_with(|| accept(&mut p.b));
+        loop {
+            match recv(&mut p.b, bid) {
+                Poll::Ready(Ok(Some(m))) => {
+                    assert_eq!(&m.payload[..], &payload(got)[..], "message {got}");
+                    got += 1;
+                }
+                Poll::Ready(Ok(None)) => {
+                    assert_eq!(got, n);
+                    return;
+                }
+                Poll::Ready(Err(e)) => panic!("{e}"),
+                Poll::Pending => break,
+            }
+        }
+    }
+    panic!("got {got} of {n} messages");
 }
