@@ -1081,6 +1081,8 @@ impl Mux {
                         v.reserve(to.saturating_sub(v.len()).max(buf.len()));
                     }
                     v.extend_from_slice(&buf);
+                    // Copied: the encoding buffer serves the thread's next message.
+                    crate::message::recycle_buffer(buf);
                 }
                 // Its own buffer starts the chunk; later small ones append to it.
                 _ => s.queue.push_back(Chunk {
