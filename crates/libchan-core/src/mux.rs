@@ -1700,6 +1700,9 @@ impl Mux {
         }
         self.wakers.extend(ws);
         self.ready.clear();
+        // Like the streams' queues: data that was not sent goes.
+        self.immediate.clear();
+        self.imm_id = 0;
         self.fd_in.clear();
         let ids: Vec<u32> = self.streams.keys().copied().collect();
         for id in ids {
