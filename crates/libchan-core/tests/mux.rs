@@ -1560,3 +1560,22 @@ fn a_small_message_never_overtakes_what_its_stream_queued() {
     }
     panic!("got {got} of {n} messages");
 }
+
+#[test]
+fn a_failed_connection_has_no_data_left_to_send() {
+    let mut p = Pair::new();
+    let id = p.a.open(StreamKind::OpenerSends).expect("open");
+    let _ = sent_frames(&mut p.a);
+    // Small: it waits in the outgoing frames, not in the stream's queue.
+    p.a.send_message(id, message(b"unsent")).expect("send");
+    assert!(p.a.wants_transmit());
+    p.a.fail(libchan_core::Error::new(
+        ErrorKind::ConnectionLost,
+        "link gone",
+    ));
+    assert!(
+        !p.a.wants_transmit(),
+        "data of a failed connection still waits"
+    );
+    assert!(sent_frames(&mut p.a).is_empty());
+}
