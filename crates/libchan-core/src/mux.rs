@@ -455,7 +455,7 @@ struct Stream {
     /// Received messages not yet decoded that send this (local) Sender stream back to us.
     pins: u32,
     /// Opened by the peer under a parent and not claimed or released yet: listed in
-    /// [`Mux::orphans`].
+    /// [`Mux::orphans`] (cleared by whoever takes it off the list).
     orphan: bool,
     /// Receive half: the application took the clean end and we confirmed it (CREDIT 0).
     end_confirmed: bool,
@@ -838,15 +838,15 @@ impl Mux {
         }
         s.claimed = true;
         s.handle = true;
-        self.forget_orphan(parent, id);
+        if std::mem::take(&mut s.orphan) {
+            self.unlist_orphan(parent, id);
+        }
         Ok(())
     }
 
-    fn forget_orphan(&mut self, parent: u32, id: u32) {
-        match self.streams.get_mut(&id) {
-            Some(s) if s.orphan => s.orphan = false,
-            _ => return,
-        }
+    /// Takes `id` off `parent`'s list of unclaimed streams (the caller cleared its
+    /// `orphan` flag).
+    fn unlist_orphan(&mut self, parent: u32, id: u32) {
         // Messages are usually decoded in the order their streams were opened: the
         // stream is usually the first of its parent's list (a scan of the list for every
         // claim was 2% of the instructions of rpc with 64 callers). An emptied list is
@@ -1269,10 +1269,12 @@ impl Mux {
     /// The local handle of `id` is gone. Unsent data is still sent; an open receive half is
     /// reset so the peer stops sending.
     pub fn release(&mut self, id: u32) {
-        if let Some(parent) = self.streams.get(&id).map(|s| s.parent) {
-            if parent != 0 {
-                self.forget_orphan(parent, id);
-            }
+        let listed = self
+            .streams
+            .get_mut(&id)
+            .and_then(|s| std::mem::take(&mut s.orphan).then_some(s.parent));
+        if let Some(parent) = listed {
+            self.unlist_orphan(parent, id);
         }
         self.release_orphans(id);
         let before = self.held_by(id);
@@ -1748,11 +1750,8 @@ impl Mux {
             out.extend_from_slice(&self.ctrl);
             self.ctrl.clear();
         }
-        if self.lost.is_some() {
-            // A failed connection sends its GOAWAY (in `ctrl`) and no more data.
-            self.immediate.clear();
-            self.imm_id = 0;
-        } else if !self.immediate.is_empty() {
+        // (A failed connection has none: `fail` drops them with the streams' queues.)
+        if !self.immediate.is_empty() {
             if out.is_empty() && self.immediate.len() > 4096 {
                 // Many messages: hand their bytes over rather than copy them.
                 std::mem::swap(out, &mut self.immediate);

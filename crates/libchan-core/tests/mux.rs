@@ -1579,3 +1579,30 @@ fn a_failed_connection_has_no_data_left_to_send() {
     );
     assert!(sent_frames(&mut p.a).is_empty());
 }
+
+#[test]
+fn unclaimed_streams_go_with_their_channel_whatever_was_claimed_first() {
+    // Four messages, each opening a reply stream (3, 5, 7, 9) under the same channel; the
+    // receiver claims only the third. Releasing the channel releases the other three.
+    let mut p = Pair::new();
+    let id = p.a.open(StreamKind::OpenerSends).expect("open");
+    for _ in 0..4 {
+        let mut buf = OutMessage::start(Vec::new());
+        buf.push(0xf6);
+        let refs = vec![OutRef::New(RefKind::Sender)];
+        p.a.send_message(id, OutMessage::finish(buf, refs, vec![]))
+            .expect("send");
+    }
+    p.run();
+    let bid = accept(&mut p.b);
+    let mut opened = Vec::new();
+    while let Poll::Ready(Ok(Some(m))) = recv(&mut p.b, bid) {
+        opened.extend(m.refs.iter().map(|r| r.id));
+    }
+    assert_eq!(opened, [3, 5, 7, 9]);
+    p.b.claim(bid, 7, StreamKind::OpenerReceives)
+        .expect("claim 7");
+    p.b.release(bid);
+    p.run();
+    assert_eq!(p.b.stats().streams, 1, "only the claimed stream is left");
+}
