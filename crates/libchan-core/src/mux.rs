@@ -939,6 +939,12 @@ impl Mux {
 
     /// Queues a message on channel stream `id`, opening the streams it references.
     /// Returns the ids assigned to its [`OutRef::New`] references, in order.
+    ///
+    /// A small message (at most 1 KiB, without descriptors or spliced blobs) with nothing
+    /// queued ahead of it on its stream and the credit for it is written into the outgoing
+    /// frames at once, appended to the stream's last frame when that was the last one
+    /// written; the next [`poll_transmit`](Mux::poll_transmit) takes it after the control
+    /// frames. Other messages wait in the stream's queue for their turn.
     pub fn send_message(&mut self, id: u32, mut msg: OutMessage) -> Result<Vec<u32>, Error> {
         self.send_message_then_ready(id, &mut msg)
             .map(|(ids, _)| ids)
