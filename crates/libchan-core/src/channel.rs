@@ -672,10 +672,13 @@ fn remote_send<T: Message>(r: &Arc<RemoteSender>, value: T) -> Result<(), SendEr
     match r.session.conn.send_message_then_ready(r.id, msg) {
         Ok((ids, ready)) => {
             r.ready.store(ready, Ordering::Relaxed);
-            let mut ids = ids.into_iter();
-            for a in attach.into_iter().flatten() {
-                // Attachments of new streams get ids in order; others get none.
-                a.install_next(&r.session, &mut ids);
+            // (Most messages carry no attachment: their empty list is not even walked.)
+            if !attach.is_empty() {
+                let mut ids = ids.into_iter();
+                for a in attach.into_iter().flatten() {
+                    // Attachments of new streams get ids in order; others get none.
+                    a.install_next(&r.session, &mut ids);
+                }
             }
             drop(value);
             Ok(())

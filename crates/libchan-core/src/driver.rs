@@ -329,9 +329,25 @@ thread_local! {
     static WAKE_LIST: std::cell::Cell<Vec<Waker>> = const { std::cell::Cell::new(Vec::new()) };
 }
 
+/// The wakers an operation left in the multiplexer, moved into the thread's spare list
+/// (under the lock), or `None` when it left none — most sends and receives — which
+/// leaves the thread-local list alone.
+#[inline]
+fn collect_wakers(m: &mut Mux) -> Option<Vec<Waker>> {
+    if !m.has_wakers() {
+        return None;
+    }
+    let mut wakers = WAKE_LIST.with(|l| l.take());
+    m.take_wakers(&mut wakers);
+    Some(wakers)
+}
+
 /// Wakes the wakers an operation collected (outside the multiplexer's lock) and keeps the
 /// list's allocation for the thread's next operation.
-fn wake_all(mut wakers: Vec<Waker>) {
+fn wake_all(wakers: Option<Vec<Waker>>) {
+    let Some(mut wakers) = wakers else {
+        return;
+    };
     for w in wakers.drain(..) {
         w.wake();
     }
@@ -468,11 +484,10 @@ impl Shared {
         if !self.inline_capable || !self.read_since_inline.load(Ordering::Relaxed) {
             return self.with(f);
         }
-        let mut wakers = WAKE_LIST.with(|l| l.take());
-        let (r, flush, inline) = {
+        let (r, flush, inline, wakers) = {
             let mut m = self.lock();
             let r = f(&mut m);
-            m.take_wakers(&mut wakers);
+            let wakers = collect_wakers(&mut m);
             let flush = m.take_flush();
             let queued = self.queued_sends.fetch_add(1, Ordering::Relaxed) + 1;
             let mut inline = None;
@@ -493,7 +508,7 @@ impl Shared {
                     }
                 }
             }
-            (r, flush || handed_back, inline)
+            (r, flush || handed_back, inline, wakers)
         };
         wake_all(wakers);
         match inline {
@@ -562,14 +577,12 @@ impl Shared {
     fn with_counted<R>(&self, f: impl FnOnce(&mut Mux) -> R) -> (R, usize) {
         // The list's allocation is kept per thread: most operations wake someone, and a
         // fresh list each time was an allocation per message.
-        let mut wakers = WAKE_LIST.with(|l| l.take());
-        let (r, flush) = {
+        let (r, flush, wakers) = {
             let mut m = self.lock();
             let r = f(&mut m);
-            m.take_wakers(&mut wakers);
-            (r, m.take_flush())
+            (r, m.take_flush(), collect_wakers(&mut m))
         };
-        let woken = wakers.len();
+        let woken = wakers.as_ref().map_or(0, Vec::len);
         wake_all(wakers);
         if flush {
             self.notify.notify_one();

@@ -716,6 +716,12 @@ impl Mux {
         std::mem::take(&mut self.flush)
     }
 
+    /// Whether an operation left wakers to wake ([`Mux::take_wakers`]).
+    #[inline]
+    pub fn has_wakers(&self) -> bool {
+        !self.wakers.is_empty()
+    }
+
     /// Wakers to wake (outside any lock) after an operation.
     pub fn take_wakers(&mut self, into: &mut Vec<Waker>) {
         into.append(&mut self.wakers);

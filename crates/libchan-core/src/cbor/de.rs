@@ -49,6 +49,8 @@ impl<'de> De<'de> {
         self.input.len() - self.pos
     }
 
+    #[cold]
+    #[inline(never)]
     fn err<T>(&self, what: impl fmt::Display) -> Result<T> {
         Err(CborError(format!("{what} at byte {}", self.pos)))
     }
@@ -75,8 +77,26 @@ impl<'de> De<'de> {
     }
 
     /// Reads one head: (major type, additional info, argument).
-    #[inline]
+    ///
+    /// A head whose argument is in its first byte (small integers, short strings and
+    /// containers: most heads of a message) is read inline, the others in
+    /// [`De::head_long`].
+    #[inline(always)]
     fn head(&mut self) -> Result<(u8, u8, Arg)> {
+        if let Some(&b) = self.input.get(self.pos) {
+            let ai = b & 0x1F;
+            if ai < 24 {
+                self.pos += 1;
+                return Ok((b >> 5, ai, Arg::Val(u64::from(ai))));
+            }
+        }
+        self.head_long()
+    }
+
+    /// [`De::head`] for an argument in the bytes that follow the first (or a malformed
+    /// or missing head).
+    #[inline(never)]
+    fn head_long(&mut self) -> Result<(u8, u8, Arg)> {
         let b = self.peek()?;
         self.pos += 1;
         let (major, ai) = (b >> 5, b & 0x1F);

@@ -37,13 +37,23 @@ impl<'a> Ser<'a> {
         Ser { out, splice }
     }
 
-    /// One head: major type and argument, in its shortest form.
-    #[inline]
+    /// One head: major type and argument, in its shortest form. A one-byte head (small
+    /// integers, short strings and collections: most heads of a message) is written
+    /// inline, the others in [`Ser::head_long`].
+    #[inline(always)]
     fn head(&mut self, major: u8, v: u64) {
-        let m = major << 5;
         if v < 24 {
-            self.out.push(m | v as u8);
-        } else if v <= u64::from(u8::MAX) {
+            self.out.push((major << 5) | v as u8);
+        } else {
+            self.head_long(major, v);
+        }
+    }
+
+    /// [`Ser::head`] for an argument of 24 or more.
+    #[inline(never)]
+    fn head_long(&mut self, major: u8, v: u64) {
+        let m = major << 5;
+        if v <= u64::from(u8::MAX) {
             self.out.extend_from_slice(&[m | 24, v as u8]);
         } else if v <= u64::from(u16::MAX) {
             let b = (v as u16).to_be_bytes();
@@ -75,6 +85,7 @@ impl<'a> Ser<'a> {
         self.out.extend_from_slice(&bytes[skip..]);
     }
 
+    #[inline]
     fn text(&mut self, s: &str) {
         self.head(3, s.len() as u64);
         self.out.extend_from_slice(s.as_bytes());
