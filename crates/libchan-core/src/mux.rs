@@ -2728,7 +2728,13 @@ impl Mux {
                         }
                     )));
                 }
-                let fds: Vec<OwnedFd> = self.fd_in.drain(..nfds).collect();
+                // (A drain of nothing still costs its setup and teardown: most messages
+                // carry no descriptor.)
+                let fds: Vec<OwnedFd> = if nfds == 0 {
+                    Vec::new()
+                } else {
+                    self.fd_in.drain(..nfds).collect()
+                };
                 let body_len = payload_len + nrefs * REF_LEN;
                 let total = MESSAGE_HEADER_LEN + body_len;
                 let discard = if total > max_msg {

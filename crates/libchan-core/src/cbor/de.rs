@@ -97,30 +97,44 @@ impl<'de> De<'de> {
     /// or missing head).
     #[inline(never)]
     fn head_long(&mut self) -> Result<(u8, u8, Arg)> {
-        let b = self.peek()?;
-        self.pos += 1;
+        let Some(&b) = self.input.get(self.pos) else {
+            return self.err("unexpected end of input");
+        };
         let (major, ai) = (b >> 5, b & 0x1F);
-        let arg = match ai {
-            0..=23 => Arg::Val(u64::from(ai)),
-            24 => Arg::Val(u64::from(self.take(1)?[0])),
-            25 => Arg::Val(u64::from(u16::from_be_bytes(
-                self.take(2)?.try_into().expect("2 bytes"),
-            ))),
-            26 => Arg::Val(u64::from(u32::from_be_bytes(
-                self.take(4)?.try_into().expect("4 bytes"),
-            ))),
-            27 => Arg::Val(u64::from_be_bytes(
-                self.take(8)?.try_into().expect("8 bytes"),
-            )),
-            31 if matches!(major, 2..=5 | 7) => Arg::Indefinite,
+        let rest = &self.input[self.pos + 1..];
+        // The argument in the next 1, 2, 4 or 8 bytes, big-endian: one bounds check each.
+        let (v, n) = match ai {
+            0..=23 => (u64::from(ai), 0),
+            24 if !rest.is_empty() => (u64::from(rest[0]), 1),
+            25 if rest.len() >= 2 => (u64::from(u16::from_be_bytes([rest[0], rest[1]])), 2),
+            26 if rest.len() >= 4 => (
+                u64::from(u32::from_be_bytes([rest[0], rest[1], rest[2], rest[3]])),
+                4,
+            ),
+            27 if rest.len() >= 8 => (
+                u64::from_be_bytes(rest[..8].try_into().expect("8 bytes")),
+                8,
+            ),
+            24..=27 => {
+                self.pos += 1;
+                return self.err(format_args!(
+                    "length {} exceeds the {} bytes left",
+                    1usize << (ai - 24),
+                    rest.len()
+                ));
+            }
+            31 if matches!(major, 2..=5 | 7) => {
+                self.pos += 1;
+                return Ok((major, ai, Arg::Indefinite));
+            }
             _ => {
-                self.pos -= 1;
                 return self.err(format_args!(
                     "malformed head 0x{b:02x} (major {major}, additional info {ai})"
                 ));
             }
         };
-        Ok((major, ai, arg))
+        self.pos += 1 + n;
+        Ok((major, ai, Arg::Val(v)))
     }
 
     /// A definite length that must fit in what is left of the input, `per_item` bytes at
@@ -505,6 +519,7 @@ struct Items<'a, 'de> {
 
 impl Items<'_, '_> {
     /// Whether another item follows (and counts it).
+    #[inline]
     fn next(&mut self) -> Result<bool> {
         match &mut self.left {
             Some(0) => Ok(false),
@@ -640,6 +655,42 @@ mod tests {
         let mut out = Vec::new();
         ciborium::ser::into_writer(v, &mut out).expect("encodes");
         out
+    }
+
+    /// Heads whose argument is cut short or malformed: the error names the width, what
+    /// is left and the offset, and nothing panics.
+    #[test]
+    fn long_heads_cut_short_are_errors_that_say_where() {
+        let cases: [(&[u8], &str); 6] = [
+            (&[0x18], "length 1 exceeds the 0 bytes left at byte 1"),
+            (&[0x19, 1], "length 2 exceeds the 1 bytes left at byte 1"),
+            (
+                &[0x1A, 1, 2, 3],
+                "length 4 exceeds the 3 bytes left at byte 1",
+            ),
+            (
+                &[0x1B, 1, 2, 3, 4, 5, 6, 7],
+                "length 8 exceeds the 7 bytes left at byte 1",
+            ),
+            (
+                &[0x1C],
+                "malformed head 0x1c (major 0, additional info 28) at byte 0",
+            ),
+            (&[], "unexpected end of input at byte 0"),
+        ];
+        for (bytes, want) in cases {
+            let e = super::super::decode::<u64>(bytes).expect_err("cut short");
+            assert!(e.to_string().contains(want), "{bytes:02x?}: {e}");
+        }
+        // And whole, each width decodes.
+        for (bytes, v) in [
+            (&[0x18, 200][..], 200u64),
+            (&[0x19, 1, 0][..], 256),
+            (&[0x1A, 0, 1, 0, 0][..], 65_536),
+            (&[0x1B, 0, 0, 0, 1, 0, 0, 0, 0][..], 1 << 32),
+        ] {
+            assert_eq!(super::super::decode::<u64>(bytes).expect("whole"), v);
+        }
     }
 
     #[derive(Serialize, Deserialize, PartialEq, Debug)]
