@@ -185,10 +185,10 @@ struct Partial {
 }
 
 /// Most further messages [`Mux::poll_recv_batch`] hands out with the one asked for.
-pub const RECV_BATCH: usize = 32;
+pub const RECV_BATCH: usize = 128;
 /// Most bytes of messages [`Mux::poll_recv_batch`] hands out at once (it stops after the
 /// message that reaches this).
-pub const RECV_BATCH_BYTES: usize = 16 * 1024;
+pub const RECV_BATCH_BYTES: usize = 32 * 1024;
 
 /// Fewest body bytes of one DATA frame worth a read of their own into the body.
 const DIRECT_MIN_READ: usize = 4096;

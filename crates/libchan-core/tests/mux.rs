@@ -1004,9 +1004,11 @@ fn receive_batches_are_ordered_bounded_and_stop_at_references() {
     use std::collections::VecDeque;
     let mut p = Pair::new();
     let id = p.a.open(StreamKind::OpenerSends).expect("open");
-    // 100 small, one with a reference, 10 of 4 KiB.
-    for i in 0..100u8 {
-        p.a.send_message(id, message(&[i; 10])).expect("send");
+    // Two full batches and 10 more small ones, one with a reference, 10 of 4 KiB.
+    let small = 2 * (RECV_BATCH + 1) + 10;
+    let tag = |i: usize| (i as u16).to_be_bytes().repeat(5);
+    for i in 0..small {
+        p.a.send_message(id, message(&tag(i))).expect("send");
     }
     let mut b = OutMessage::start(Vec::new());
     b.extend_from_slice(b"with a ref");
@@ -1044,20 +1046,27 @@ fn receive_batches_are_ordered_bounded_and_stop_at_references() {
         }
         p.run();
     }
-    assert_eq!(got.len(), 111);
-    for (i, m) in got[..100].iter().enumerate() {
-        assert_eq!(&m.payload[..], &[i as u8; 10][..], "message {i}");
+    assert_eq!(got.len(), small + 11);
+    for (i, m) in got[..small].iter().enumerate() {
+        assert_eq!(&m.payload[..], &tag(i)[..], "message {i}");
     }
-    assert_eq!(got[100].refs.len(), 1);
-    assert_eq!(&got[100].payload[..], b"with a ref");
-    for (i, m) in got[101..].iter().enumerate() {
+    assert_eq!(got[small].refs.len(), 1);
+    assert_eq!(&got[small].payload[..], b"with a ref");
+    for (i, m) in got[small + 1..].iter().enumerate() {
         assert_eq!(&m.payload[..], &[i as u8; 4096][..]);
     }
-    // 100 plain messages in batches of at most 33; a batch stops before the message with
-    // a reference, which starts the next one; 4 KiB messages go a few at a time.
-    assert_eq!(&batches[..4], &[33, 33, 33, 1], "{batches:?}");
-    assert!(batches[4..].iter().all(|&n| n <= 5), "{batches:?}");
-    assert_eq!(batches.iter().sum::<usize>(), 111);
+    // The plain messages in batches of at most 1 + RECV_BATCH; a batch stops before the
+    // message with a reference, which starts the next one; 4 KiB messages go a few at a
+    // time (the byte bound).
+    let full = RECV_BATCH + 1;
+    assert_eq!(&batches[..3], &[full, full, 10], "{batches:?}");
+    let per_bytes = RECV_BATCH_BYTES / (4096 + 8) + 2;
+    assert!(batches[3..].iter().all(|&n| n <= per_bytes), "{batches:?}");
+    assert!(
+        batches.len() > 4,
+        "the byte bound split the 4 KiB ones: {batches:?}"
+    );
+    assert_eq!(batches.iter().sum::<usize>(), small + 11);
 }
 
 /// Small messages queued back to back share one buffer; cut into frames anywhere (by
