@@ -467,6 +467,12 @@ struct Stream {
 }
 
 impl Stream {
+    /// Nothing refers to the stream any more: no handle, claimed, not pinned, both halves
+    /// over.
+    fn removable(&self) -> bool {
+        !self.handle && self.claimed && self.pins == 0 && self.rx_done() && self.tx_done()
+    }
+
     fn new(kind: StreamKind, local: bool, parent: u32, credit: u32, outstanding: u32) -> Self {
         let (can_send, can_recv) = match (kind, local) {
             (StreamKind::Bytes, _) => (true, true),
@@ -1281,15 +1287,16 @@ impl Mux {
     /// The local handle of `id` is gone. Unsent data is still sent; an open receive half is
     /// reset so the peer stops sending.
     pub fn release(&mut self, id: u32) {
-        let listed = self
-            .streams
-            .get_mut(&id)
-            .and_then(|s| std::mem::take(&mut s.orphan).then_some(s.parent));
+        // (What the stream holds is taken here with its orphan flag: releasing its
+        // orphans below touches other streams only.)
+        let (listed, before) = match self.streams.get_mut(&id) {
+            Some(s) => (std::mem::take(&mut s.orphan).then_some(s.parent), held(s)),
+            None => (None, 0),
+        };
         if let Some(parent) = listed {
             self.unlist_orphan(parent, id);
         }
         self.release_orphans(id);
-        let before = self.held_by(id);
         self.budget.held = self.budget.held.saturating_sub(before);
         self.budget.forget(id);
         let Some(s) = self.streams.get_mut(&id) else {
@@ -1345,11 +1352,19 @@ impl Mux {
             s.end = Some(End::Fin);
             s.tx = TxState::Ending;
         }
-        self.mark_ready(id);
-        for m in dropped.into_iter().flatten() {
-            self.release_refs(m.refs());
+        if dropped.is_empty() {
+            // Usually nothing was left unread: the stream is at hand for the rest.
+            Self::mark_stream_ready(&mut self.ready, &mut self.flush, id, s);
+            if s.removable() {
+                self.remove_stream(id);
+            }
+        } else {
+            self.mark_ready(id);
+            for m in dropped.into_iter().flatten() {
+                self.release_refs(m.refs());
+            }
+            self.maybe_remove(id);
         }
-        self.maybe_remove(id);
         self.unstarve();
     }
 
@@ -1384,12 +1399,14 @@ impl Mux {
     }
 
     fn maybe_remove(&mut self, id: u32) {
-        let remove = self
-            .streams
-            .get(&id)
-            .is_some_and(|s| !s.handle && s.claimed && s.pins == 0 && s.rx_done() && s.tx_done());
-        if remove {
-            self.streams.remove(&id);
+        if self.streams.get(&id).is_some_and(|s| s.removable()) {
+            self.remove_stream(id);
+        }
+    }
+
+    /// Removes stream `id` (which [`Stream::removable`] said could go) and counts it out.
+    fn remove_stream(&mut self, id: u32) {
+        if self.streams.remove(&id).is_some() {
             if self.role.owns(id) {
                 self.local_open -= 1;
             } else {
