@@ -184,6 +184,9 @@ struct Partial {
     counted: usize,
 }
 
+/// Most boxes of removed streams a connection keeps for new ones (about 400 bytes each).
+const SPARE_STREAMS: usize = 64;
+
 /// Most further messages [`Mux::poll_recv_batch`] hands out with the one asked for.
 pub const RECV_BATCH: usize = 128;
 /// Most bytes of messages [`Mux::poll_recv_batch`] hands out at once (it stops after the
@@ -549,6 +552,11 @@ pub struct Mux {
     /// A GOAWAY without error was sent or received: accept ends with `Ok(None)`.
     clean_goaway: bool,
     streams: IdMap<Box<Stream>>,
+    /// Boxes of removed streams, emptied, for the next new streams: a request's reply
+    /// channel is a stream opened and removed on each side, and with many requests in
+    /// flight each box was an allocation that missed the allocator's per-thread cache.
+    #[allow(clippy::vec_box)] // The boxes themselves are what is kept.
+    spare_streams: Vec<Box<Stream>>,
     next_local: u32,
     last_peer: u32,
     peer_open: u32,
@@ -652,6 +660,7 @@ impl Mux {
             goaway_received: false,
             clean_goaway: false,
             streams: IdMap::default(),
+            spare_streams: Vec::new(),
             next_local: role.first_id(),
             last_peer: 0,
             peer_open: 0,
@@ -798,10 +807,8 @@ impl Mux {
         frame::encode_open(&mut self.ctrl, id, kind, parent);
         self.flush = true;
         let outstanding = self.local.initial_window;
-        self.streams.insert(
-            id,
-            Box::new(Stream::new(kind, true, parent, credit, outstanding)),
-        );
+        let s = self.boxed(Stream::new(kind, true, parent, credit, outstanding));
+        self.streams.insert(id, s);
         self.local_open += 1;
         Ok(id)
     }
@@ -1404,9 +1411,26 @@ impl Mux {
         }
     }
 
+    /// `s` in a box, a spare one if there is one ([`SPARE_STREAMS`]).
+    fn boxed(&mut self, s: Stream) -> Box<Stream> {
+        match self.spare_streams.pop() {
+            Some(mut b) => {
+                *b = s;
+                b
+            }
+            None => Box::new(s),
+        }
+    }
+
     /// Removes stream `id` (which [`Stream::removable`] said could go) and counts it out.
     fn remove_stream(&mut self, id: u32) {
-        if self.streams.remove(&id).is_some() {
+        if let Some(mut b) = self.streams.remove(&id) {
+            if self.spare_streams.len() < SPARE_STREAMS {
+                // Its contents go now (wakers, buffers), as they would with the box; the
+                // box waits for the next stream.
+                *b = Stream::new(StreamKind::Bytes, false, 0, 0, 0);
+                self.spare_streams.push(b);
+            }
             if self.role.owns(id) {
                 self.local_open -= 1;
             } else {
@@ -2599,7 +2623,8 @@ impl Mux {
             s.orphan = true;
             self.orphans.entry(parent).or_default().push_back(id);
         }
-        self.streams.insert(id, Box::new(s));
+        let s = self.boxed(s);
+        self.streams.insert(id, s);
         self.peer_open += 1;
         if parent == 0 {
             self.accept_q.push_back(id);

@@ -1615,3 +1615,47 @@ fn unclaimed_streams_go_with_their_channel_whatever_was_claimed_first() {
     p.run();
     assert_eq!(p.b.stats().streams, 1, "only the claimed stream is left");
 }
+
+/// A stream's state goes when the stream is removed (here the waker of a receive that
+/// waited: the task it would wake is not kept alive), although the connection keeps the
+/// emptied box for its next stream; the streams opened next start afresh.
+#[test]
+fn a_removed_stream_drops_its_state_and_the_next_streams_start_afresh() {
+    use std::sync::Arc;
+    use std::task::Wake;
+    struct Counted;
+    impl Wake for Counted {
+        fn wake(self: Arc<Self>) {}
+    }
+    let mut p = Pair::new();
+    for round in 0..3u8 {
+        let id = p.a.open(StreamKind::OpenerSends).expect("open");
+        p.a.send_message(id, message(&[round; 10])).expect("send");
+        p.run();
+        let bid = accept(&mut p.b);
+        // A fresh stream: the first message is this round's, nothing else is queued.
+        match p.b.poll_recv(&mut cx(), bid) {
+            Poll::Ready(Ok(Some(m))) => assert_eq!(&m.payload[..], &[round; 10][..]),
+            other => panic!("round {round}: {other:?}"),
+        }
+        let counted = Arc::new(Counted);
+        let waker = Waker::from(counted.clone());
+        assert!(p
+            .b
+            .poll_recv(&mut Context::from_waker(&waker), bid)
+            .is_pending());
+        drop(waker);
+        assert_eq!(Arc::strong_count(&counted), 2, "the stream holds the waker");
+        // Both ends let go: the stream is removed on each side.
+        p.b.release(bid);
+        p.a.release(id);
+        p.run();
+        assert_eq!(
+            Arc::strong_count(&counted),
+            1,
+            "round {round}: the removed stream kept its waker"
+        );
+        assert_eq!(p.a.stats().streams, 0, "round {round}");
+        assert_eq!(p.b.stats().streams, 0, "round {round}");
+    }
+}
