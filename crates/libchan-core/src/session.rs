@@ -2,7 +2,6 @@
 
 use std::any::Any;
 use std::cell::Cell;
-use std::collections::HashMap;
 use std::fmt;
 use std::future::poll_fn;
 use std::os::fd::OwnedFd;
@@ -132,7 +131,7 @@ impl Session {
                 codec,
                 #[cfg(feature = "cbor")]
                 cbor,
-                origins: Mutex::new(HashMap::new()),
+                origins: Mutex::new(crate::mux::IdMap::default()),
                 tasks: AtomicUsize::new(0),
             })),
         })
@@ -380,7 +379,11 @@ pub(crate) struct NetSession {
     /// types, without the type-erased seam (same bytes).
     #[cfg(feature = "cbor")]
     cbor: bool,
-    origins: Mutex<HashMap<u32, Origin>>,
+    /// What we sent on our streams, by stream id (ours: odd or even; an [`IdMap`] like
+    /// the multiplexer's stream table, looked up once or twice per request).
+    ///
+    /// [`IdMap`]: crate::mux::IdMap
+    origins: Mutex<crate::mux::IdMap<Origin>>,
     tasks: AtomicUsize,
 }
 
