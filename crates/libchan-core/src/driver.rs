@@ -575,8 +575,8 @@ impl Shared {
 
     /// [`with`](Shared::with), also telling how many wakers it woke.
     fn with_counted<R>(&self, f: impl FnOnce(&mut Mux) -> R) -> (R, usize) {
-        // The list's allocation is kept per thread: most operations wake someone, and a
-        // fresh list each time was an allocation per message.
+        // The list's allocation is kept per thread (`collect_wakers`): a fresh list for
+        // each operation that wakes someone was an allocation per message.
         let (r, flush, wakers) = {
             let mut m = self.lock();
             let r = f(&mut m);

@@ -1294,21 +1294,21 @@ impl Mux {
     /// The local handle of `id` is gone. Unsent data is still sent; an open receive half is
     /// reset so the peer stops sending.
     pub fn release(&mut self, id: u32) {
-        // (What the stream holds is taken here with its orphan flag: releasing its
-        // orphans below touches other streams only.)
-        let (listed, before) = match self.streams.get_mut(&id) {
-            Some(s) => (std::mem::take(&mut s.orphan).then_some(s.parent), held(s)),
-            None => (None, 0),
-        };
+        let listed = self
+            .streams
+            .get_mut(&id)
+            .and_then(|s| std::mem::take(&mut s.orphan).then_some(s.parent));
         if let Some(parent) = listed {
             self.unlist_orphan(parent, id);
         }
+        // (Releasing the orphans may release this stream too, through a reference in one
+        // of their unread messages: what it holds is counted out after that, once.)
         self.release_orphans(id);
-        self.budget.held = self.budget.held.saturating_sub(before);
         self.budget.forget(id);
         let Some(s) = self.streams.get_mut(&id) else {
             return;
         };
+        self.budget.held = self.budget.held.saturating_sub(held(s));
         s.handle = false;
         let rx_open = s.can_recv && matches!(s.rx, RxState::Open);
         // A channel whose clean end arrived but was not read by the application: if it
