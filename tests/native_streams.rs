@@ -9,7 +9,7 @@ use std::task::{Context, Poll, Waker};
 
 use bytes::Bytes;
 use libchan::frame::StreamKind;
-use libchan::message::{InMessage, OutMessage, OutRef, RefKind, WireRef};
+use libchan::message::{InMessage, OpenedStreams, OutMessage, OutRef, RefKind, WireRef};
 use libchan::{Connection, ConnectionStats, Error, ErrorKind, Session};
 use libchan_test_support::Caps;
 
@@ -251,7 +251,7 @@ impl Connection for NativeConn {
         Poll::Pending
     }
 
-    fn send_message(&self, id: u32, mut msg: OutMessage) -> Result<Vec<u32>, Error> {
+    fn send_message(&self, id: u32, mut msg: OutMessage) -> Result<OpenedStreams, Error> {
         let mut w = self.w();
         if let Some(e) = &w.lost {
             return Err(e.clone());
@@ -262,7 +262,7 @@ impl Connection for NativeConn {
             Some(_) => return Err(Self::reset()),
             None => return Err(Error::new(ErrorKind::Closed, "stream is closed")),
         }
-        let mut ids = Vec::new();
+        let mut ids = OpenedStreams::new();
         for i in 0..msg.refs().len() {
             match msg.refs()[i] {
                 OutRef::New(kind) => {

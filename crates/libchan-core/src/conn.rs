@@ -12,7 +12,7 @@ use std::task::{Context, Poll};
 
 use crate::error::Error;
 use crate::frame::StreamKind;
-use crate::message::{InMessage, OutMessage, WireRef};
+use crate::message::{InMessage, OpenedStreams, OutMessage, WireRef};
 
 /// Counters of a connection, for tests and monitoring.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -111,12 +111,16 @@ pub trait Connection: Send + Sync + fmt::Debug + 'static {
     /// Waits until channel `id` can take another message.
     fn poll_send_ready(&self, cx: &mut Context<'_>, id: u32) -> Poll<Result<(), Error>>;
     /// Queues a message on channel `id`; returns the ids of the streams it opened.
-    fn send_message(&self, id: u32, msg: OutMessage) -> Result<Vec<u32>, Error>;
+    fn send_message(&self, id: u32, msg: OutMessage) -> Result<OpenedStreams, Error>;
     /// [`send_message`](Connection::send_message), also saying whether channel `id` can
     /// take another message right away (what [`poll_send_ready`](Connection::poll_send_ready)
     /// would say now): then the next send skips asking. The default says `false`, so
     /// every send asks.
-    fn send_message_then_ready(&self, id: u32, msg: OutMessage) -> Result<(Vec<u32>, bool), Error> {
+    fn send_message_then_ready(
+        &self,
+        id: u32,
+        msg: OutMessage,
+    ) -> Result<(OpenedStreams, bool), Error> {
         self.send_message(id, msg).map(|ids| (ids, false))
     }
     /// Takes the next message of channel `id`; `Ok(None)` after a clean end.

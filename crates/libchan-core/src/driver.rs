@@ -31,7 +31,7 @@ use crate::config::Config;
 use crate::conn::{Connection, ConnectionStats, PeerIdentity};
 use crate::error::{Error, ErrorKind};
 use crate::frame::{self, Reason, StreamKind};
-use crate::message::{InMessage, OutMessage, WireRef};
+use crate::message::{InMessage, OpenedStreams, OutMessage, WireRef};
 use crate::mux::{Batch, Mux, ReadTarget, Role};
 
 /// Size of one batch handed to the link by the writer.
@@ -1059,7 +1059,7 @@ impl Connection for MuxConnection {
         self.shared.with(|m| m.poll_send_ready(cx, id))
     }
 
-    fn send_message(&self, id: u32, msg: OutMessage) -> Result<Vec<u32>, Error> {
+    fn send_message(&self, id: u32, msg: OutMessage) -> Result<OpenedStreams, Error> {
         self.shared.with_send(|m| m.send_message(id, msg))
     }
 
@@ -1067,7 +1067,7 @@ impl Connection for MuxConnection {
         &self,
         id: u32,
         mut msg: OutMessage,
-    ) -> Result<(Vec<u32>, bool), Error> {
+    ) -> Result<(OpenedStreams, bool), Error> {
         self.shared
             .with_send(|m| m.send_message_then_ready(id, &mut msg))
     }

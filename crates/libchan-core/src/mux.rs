@@ -59,7 +59,7 @@ use crate::conn::ConnectionStats;
 use crate::error::{Error, ErrorKind};
 use crate::frame::{self, Frame, Hello, Reason, StreamKind, FLAG_FIN};
 use crate::message::{
-    InMessage, OutMessage, OutRef, RefKind, WireRef, MESSAGE_HEADER_LEN, REF_LEN,
+    InMessage, OpenedStreams, OutMessage, OutRef, RefKind, WireRef, MESSAGE_HEADER_LEN, REF_LEN,
 };
 
 /// Which end of the connection this is. Decides stream id parity.
@@ -142,8 +142,11 @@ impl Queued {
     fn into_message(self) -> InMessage {
         let (refs, fds) = match self.extra {
             Extra::None => Default::default(),
-            Extra::OneRef(r) => (vec![r], Vec::new()),
-            Extra::Boxed(e) => *e,
+            Extra::OneRef(r) => (std::iter::once(r).collect(), Vec::new()),
+            Extra::Boxed(e) => {
+                let (refs, fds) = *e;
+                (refs.into(), fds)
+            }
         };
         InMessage {
             payload: self.payload,
@@ -981,7 +984,7 @@ impl Mux {
     /// frames at once, appended to the stream's last frame when that was the last one
     /// written; the next [`poll_transmit`](Mux::poll_transmit) takes it after the control
     /// frames. Other messages wait in the stream's queue for their turn.
-    pub fn send_message(&mut self, id: u32, mut msg: OutMessage) -> Result<Vec<u32>, Error> {
+    pub fn send_message(&mut self, id: u32, mut msg: OutMessage) -> Result<OpenedStreams, Error> {
         self.send_message_then_ready(id, &mut msg)
             .map(|(ids, _)| ids)
     }
@@ -994,7 +997,7 @@ impl Mux {
         &mut self,
         id: u32,
         msg: &mut OutMessage,
-    ) -> Result<(Vec<u32>, bool), Error> {
+    ) -> Result<(OpenedStreams, bool), Error> {
         if let Some(e) = &self.lost {
             return Err(e.clone());
         }
@@ -1055,7 +1058,7 @@ impl Mux {
                 self.local_open as u64 + news as u64,
             ));
         }
-        let mut ids = Vec::with_capacity(news);
+        let mut ids = OpenedStreams::new();
         for i in 0..msg.refs.len() {
             if let OutRef::New(kind) = msg.refs[i] {
                 let sk = match kind {

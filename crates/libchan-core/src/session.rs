@@ -877,7 +877,7 @@ mod tests {
             1,
             InMessage {
                 payload: payload.clone(),
-                refs: Vec::new(),
+                refs: Default::default(),
                 fds: Vec::new(),
             },
         )

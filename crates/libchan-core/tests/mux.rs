@@ -622,7 +622,7 @@ fn nested_streams_are_opened_before_the_message_in_increasing_order() {
             ),
         )
         .expect("send");
-    assert_eq!(ids, [3, 5, 7]);
+    assert_eq!(&ids[..], [3, 5, 7]);
     p.run();
     let bid = accept(&mut p.b);
     let Poll::Ready(Ok(Some(m))) = recv(&mut p.b, bid) else {
@@ -1467,7 +1467,7 @@ fn a_received_reference_table_is_read_whole_and_checked() {
         };
         assert_eq!(&m.payload[..], [0xf6]);
         assert_eq!(
-            m.refs,
+            &m.refs[..],
             [WireRef {
                 kind: RefKind::Sender,
                 id: 3
@@ -1493,7 +1493,7 @@ fn a_received_reference_table_is_read_whole_and_checked() {
         };
         assert_eq!(&m.payload[..], [0xf6, 0xf6]);
         assert_eq!(
-            m.refs,
+            &m.refs[..],
             [
                 WireRef {
                     kind: RefKind::Sender,
