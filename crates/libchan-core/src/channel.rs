@@ -16,7 +16,7 @@ use smallvec::SmallVec;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::error::{Error, ErrorKind, SendError, TrySendError};
-use crate::message::{InMessage, OpenedStreamsIter, OutRef, RefKind, WireRef};
+use crate::message::{InMessage, InlineListIter, OutRef, RefKind, WireRef};
 use crate::session::{decode_message, encode_message, with_encode, Attach, Message, NetSession};
 
 pub(crate) enum Item<T> {
@@ -696,11 +696,11 @@ fn remote_send<T: Message>(r: &Arc<RemoteSender>, value: T) -> Result<(), SendEr
 }
 
 trait InstallNext {
-    fn install_next(self, session: &Arc<NetSession>, ids: &mut OpenedStreamsIter);
+    fn install_next(self, session: &Arc<NetSession>, ids: &mut InlineListIter<u32>);
 }
 
 impl InstallNext for Box<dyn Attach> {
-    fn install_next(self, session: &Arc<NetSession>, ids: &mut OpenedStreamsIter) {
+    fn install_next(self, session: &Arc<NetSession>, ids: &mut InlineListIter<u32>) {
         match ids.next() {
             Some(id) => self.install(session, id),
             None => self.restore(),

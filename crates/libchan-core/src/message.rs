@@ -100,57 +100,105 @@ pub struct WireRef {
     pub id: u32,
 }
 
-/// A received message's reference table ([`InMessage::refs`]).
-///
-/// Up to two entries are kept in place: a message with a reference or two (a request with
-/// its reply Sender) allocates nothing for its table.
+/// A short list that keeps up to two items in place: a received message's reference
+/// table ([`WireRefs`]) and the ids of the streams a queued message opened
+/// ([`OpenedStreams`]). A request with its reply Sender allocates nothing for either.
 ///
 /// ```
-/// use libchan_core::message::{RefKind, WireRef, WireRefs};
+/// use libchan_core::message::{OpenedStreams, RefKind, WireRef, WireRefs};
 /// let r = WireRef { kind: RefKind::Sender, id: 3 };
 /// let refs: WireRefs = vec![r].into();
 /// assert_eq!(&refs[..], &[r]);
-/// assert_eq!(refs.iter().count(), 1);
+/// let mut ids = OpenedStreams::new();
+/// ids.push(3);
+/// ids.push(5);
+/// ids.push(7);
+/// assert_eq!(&ids[..], &[3, 5, 7]);
+/// assert_eq!(ids.into_iter().collect::<Vec<_>>(), vec![3, 5, 7]);
 /// ```
-#[derive(Clone, Default, PartialEq, Eq)]
-pub struct WireRefs(smallvec::SmallVec<[WireRef; 2]>);
+#[derive(Clone, PartialEq, Eq)]
+pub struct InlineList<T>(smallvec::SmallVec<[T; 2]>);
 
-impl WireRefs {
-    /// An empty table.
+/// A received message's reference table ([`InMessage::refs`]).
+pub type WireRefs = InlineList<WireRef>;
+
+/// The ids of the streams a queued message opened, one per [`OutRef::New`] reference, in
+/// the order of its references ([`Connection::send_message`]).
+///
+/// [`Connection::send_message`]: crate::Connection::send_message
+pub type OpenedStreams = InlineList<u32>;
+
+impl<T> InlineList<T> {
+    /// An empty list.
     pub fn new() -> Self {
-        WireRefs::default()
+        InlineList(smallvec::SmallVec::new())
     }
 
-    /// Appends an entry.
-    pub fn push(&mut self, r: WireRef) {
-        self.0.push(r);
+    /// Appends an item.
+    pub fn push(&mut self, item: T) {
+        self.0.push(item);
     }
 }
 
-impl fmt::Debug for WireRefs {
+impl<T> Default for InlineList<T> {
+    fn default() -> Self {
+        InlineList::new()
+    }
+}
+
+impl<T: fmt::Debug> fmt::Debug for InlineList<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_list().entries(self.0.iter()).finish()
     }
 }
 
-impl std::ops::Deref for WireRefs {
-    type Target = [WireRef];
-    fn deref(&self) -> &[WireRef] {
+impl<T> std::ops::Deref for InlineList<T> {
+    type Target = [T];
+    fn deref(&self) -> &[T] {
         &self.0
     }
 }
 
-impl From<Vec<WireRef>> for WireRefs {
-    fn from(v: Vec<WireRef>) -> Self {
-        WireRefs(smallvec::SmallVec::from_vec(v))
+impl<T> From<Vec<T>> for InlineList<T> {
+    fn from(v: Vec<T>) -> Self {
+        InlineList(smallvec::SmallVec::from_vec(v))
     }
 }
 
-impl FromIterator<WireRef> for WireRefs {
-    fn from_iter<I: IntoIterator<Item = WireRef>>(iter: I) -> Self {
-        WireRefs(iter.into_iter().collect())
+impl<T> FromIterator<T> for InlineList<T> {
+    fn from_iter<I: IntoIterator<Item = T>>(iter: I) -> Self {
+        InlineList(iter.into_iter().collect())
     }
 }
+
+impl<T> IntoIterator for InlineList<T> {
+    type Item = T;
+    type IntoIter = InlineListIter<T>;
+    fn into_iter(self) -> InlineListIter<T> {
+        InlineListIter(self.0.into_iter())
+    }
+}
+
+/// The iterator of an [`InlineList`], by value.
+pub struct InlineListIter<T>(smallvec::IntoIter<[T; 2]>);
+
+impl<T: fmt::Debug> fmt::Debug for InlineListIter<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list().entries(self.0.as_slice().iter()).finish()
+    }
+}
+
+impl<T> Iterator for InlineListIter<T> {
+    type Item = T;
+    fn next(&mut self) -> Option<T> {
+        self.0.next()
+    }
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        self.0.size_hint()
+    }
+}
+
+impl<T> ExactSizeIterator for InlineListIter<T> {}
 
 /// A whole message received on a channel stream.
 pub struct InMessage {
@@ -180,92 +228,6 @@ pub enum OutRef {
     /// An existing stream or fd index.
     Existing(WireRef),
 }
-
-/// The ids of the streams a queued message opened, one per [`OutRef::New`] reference, in
-/// the order of its references ([`Connection::send_message`]).
-///
-/// Up to two are kept in place: a message that opens a stream or two (a request with its
-/// reply Sender) allocates nothing for them.
-///
-/// ```
-/// use libchan_core::message::OpenedStreams;
-/// let mut ids = OpenedStreams::new();
-/// ids.push(3);
-/// ids.push(5);
-/// ids.push(7);
-/// assert_eq!(&ids[..], &[3, 5, 7]);
-/// assert_eq!(ids.into_iter().collect::<Vec<_>>(), vec![3, 5, 7]);
-/// ```
-///
-/// [`Connection::send_message`]: crate::Connection::send_message
-#[derive(Clone, Default, PartialEq, Eq)]
-pub struct OpenedStreams(smallvec::SmallVec<[u32; 2]>);
-
-impl OpenedStreams {
-    /// No ids.
-    pub fn new() -> Self {
-        OpenedStreams::default()
-    }
-
-    /// Appends the id of the next stream opened.
-    pub fn push(&mut self, id: u32) {
-        self.0.push(id);
-    }
-}
-
-impl fmt::Debug for OpenedStreams {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_list().entries(self.0.iter()).finish()
-    }
-}
-
-impl std::ops::Deref for OpenedStreams {
-    type Target = [u32];
-    fn deref(&self) -> &[u32] {
-        &self.0
-    }
-}
-
-impl From<Vec<u32>> for OpenedStreams {
-    fn from(v: Vec<u32>) -> Self {
-        OpenedStreams(smallvec::SmallVec::from_vec(v))
-    }
-}
-
-impl FromIterator<u32> for OpenedStreams {
-    fn from_iter<I: IntoIterator<Item = u32>>(iter: I) -> Self {
-        OpenedStreams(iter.into_iter().collect())
-    }
-}
-
-impl IntoIterator for OpenedStreams {
-    type Item = u32;
-    type IntoIter = OpenedStreamsIter;
-    fn into_iter(self) -> OpenedStreamsIter {
-        OpenedStreamsIter(self.0.into_iter())
-    }
-}
-
-/// The iterator of [`OpenedStreams`], by value.
-pub struct OpenedStreamsIter(smallvec::IntoIter<[u32; 2]>);
-
-impl fmt::Debug for OpenedStreamsIter {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_list().entries(self.0.as_slice().iter()).finish()
-    }
-}
-
-impl Iterator for OpenedStreamsIter {
-    type Item = u32;
-    fn next(&mut self) -> Option<u32> {
-        self.0.next()
-    }
-    fn size_hint(&self) -> (usize, Option<usize>) {
-        self.0.size_hint()
-    }
-}
-
-impl ExactSizeIterator for OpenedStreamsIter {}
 
 /// One piece of an [`OutMessage`] in wire order.
 enum Piece {
