@@ -272,6 +272,10 @@ impl<T> Queue<T> {
         self.lone.is_none() && self.rest.is_empty()
     }
 
+    fn len(&self) -> usize {
+        self.rest.len() + usize::from(self.lone.is_some())
+    }
+
     fn push_back(&mut self, item: T) {
         if let Some(first) = self.lone.take() {
             self.rest.push_back(first);
@@ -311,7 +315,7 @@ impl<T> Queue<T> {
 
     /// Room for `n` more items without reallocating (one alone needs none).
     fn reserve(&mut self, n: usize) {
-        let total = self.rest.len() + usize::from(self.lone.is_some()) + n;
+        let total = self.len() + n;
         if total > 1 {
             self.rest.reserve(total - self.rest.len());
         }
@@ -625,6 +629,8 @@ pub struct Mux {
     fds_in: bool,
     /// The peer's FDS arrived and the driver has not been told yet ([`Mux::take_fds_asked`]).
     fds_asked: bool,
+    /// Messages queued for the application since [`Mux::take_messages_in`] was last called.
+    messages_in: usize,
 }
 
 /// Where this side is in the descriptor handshake (PROTOCOL.md §8).
@@ -714,6 +720,7 @@ impl Mux {
             fds_held: Vec::new(),
             fds_in: false,
             fds_asked: false,
+            messages_in: 0,
         }
     }
 
@@ -2115,6 +2122,12 @@ impl Mux {
         std::mem::take(&mut self.fds_asked)
     }
 
+    /// How many messages (or their decode errors) input queued for the application since
+    /// the last call. The driver uses it to tell a batch of requests from a single one.
+    pub fn take_messages_in(&mut self) -> usize {
+        std::mem::take(&mut self.messages_in)
+    }
+
     /// Says where the driver reads next: into the read buffer, or straight into the body
     /// of a large message whose DATA frame is arriving (the kernel then copies its bytes
     /// once, into their final place, instead of into the read buffer and again into the
@@ -2733,6 +2746,7 @@ impl Mux {
                 woke = true;
             }
         } else {
+            let queued_before = s.msgs.len();
             // The frame after a run of small messages copied out together (`copied`).
             let mut rest: Option<Bytes> = None;
             let mut copied = false;
@@ -2876,6 +2890,7 @@ impl Mux {
                     counted: MESSAGE_HEADER_LEN,
                 }));
             }
+            self.messages_in += s.msgs.len().saturating_sub(queued_before);
         }
         // A large body continues: its next frame may go straight into it.
         self.expect_header = body_continues(s);

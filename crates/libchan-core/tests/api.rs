@@ -590,6 +590,8 @@ async fn a_travelling_reply_sender_delivers_then_ends() {
 struct InlineLink {
     io: tokio::io::DuplexStream,
     would_block: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    /// Calls of the write half's `poll_write_fds`.
+    writes: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     panic_at: Option<usize>,
     /// Writes go to a buffer in front of the pipe, which only a flush empties (as rustls
     /// keeps records): [`FlushOnly`].
@@ -637,7 +639,7 @@ impl libchan_core::driver::LinkWrite for FlushOnly {
 struct InlineWrite {
     inner: Box<dyn libchan_core::driver::LinkWrite>,
     would_block: std::sync::Arc<std::sync::atomic::AtomicUsize>,
-    writes: usize,
+    writes: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     panic_at: Option<usize>,
 }
 
@@ -648,8 +650,11 @@ impl libchan_core::driver::LinkWrite for InlineWrite {
         buf: &[u8],
         fds: &[std::os::fd::OwnedFd],
     ) -> std::task::Poll<std::io::Result<usize>> {
-        self.writes += 1;
-        if self.panic_at == Some(self.writes) {
+        let writes = self
+            .writes
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            + 1;
+        if self.panic_at == Some(writes) {
             panic!("a link that panics while writing (test)");
         }
         let r = self.inner.poll_write_fds(cx, buf, fds);
@@ -705,11 +710,18 @@ impl libchan_core::driver::Link for InlineLink {
             Box::new(InlineWrite {
                 inner: w,
                 would_block: self.would_block,
-                writes: 0,
+                writes: self.writes,
                 panic_at: self.panic_at,
             }),
         )
     }
+}
+
+/// What an [`InlineLink`]'s write half counted: writes that would block, and all writes.
+#[derive(Clone, Default)]
+struct WriteCounts {
+    would_block: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    writes: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// Two sessions over a pipe of `capacity` bytes; the listener's link is an [`InlineLink`].
@@ -717,23 +729,20 @@ async fn inline_pair(
     capacity: usize,
     panic_at: Option<usize>,
     buffered: bool,
-) -> (
-    Session,
-    Session,
-    std::sync::Arc<std::sync::atomic::AtomicUsize>,
-) {
+) -> (Session, Session, WriteCounts) {
     use libchan_core::driver::IoLink;
     let (x, y) = tokio::io::duplex(capacity);
-    let would_block = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counts = WriteCounts::default();
     let link = InlineLink {
         io: y,
-        would_block: would_block.clone(),
+        would_block: counts.would_block.clone(),
+        writes: counts.writes.clone(),
         panic_at,
         buffered,
     };
     let config = Config::new(libchan_codec_cbor::Cbor);
     let (a, b) = sessions_over(IoLink::new(x), link, &config).await;
-    (a, b, would_block)
+    (a, b, counts)
 }
 
 /// Answers to input are written by the sending task (the second of them writes both); on
@@ -751,7 +760,7 @@ async fn what_a_sending_task_could_not_write_is_finished_by_the_writer_in_order(
 
 async fn answers_arrive_over_a_small_pipe(buffered: bool) {
     let guard = std::time::Duration::from_secs(10);
-    let (a, b, would_block) = inline_pair(1024, None, buffered).await;
+    let (a, b, counts) = inline_pair(1024, None, buffered).await;
     let tx = a.open::<String>().await.expect("open");
     let mut rx = b
         .accept::<String>()
@@ -785,9 +794,60 @@ async fn answers_arrive_over_a_small_pipe(buffered: bool) {
         assert_eq!(got.expect("recv"), Some(format!("small {round}")));
     }
     assert!(
-        would_block.load(std::sync::atomic::Ordering::Relaxed) > 0,
+        counts.would_block.load(std::sync::atomic::Ordering::Relaxed) > 0,
         "no write or flush would block (buffered: {buffered}): the test did not reach the case it is about"
     );
+}
+
+/// A task answering a batch of requests (one input that queued many messages) writes its
+/// answers itself as it goes: the second, then every 32nd after it, so that the peer can
+/// work on the first answers while the rest are made; the writer task writes what is left
+/// once the task yields. 64 answers: three writes (2 + 32 + 30). A task answering one
+/// request at a time, or sending many in a row after input that was no batch, writes
+/// once per input (the 64 answers again, after a single request: two writes).
+#[tokio::test(flavor = "current_thread")]
+async fn answers_to_a_batch_of_requests_leave_in_writes_of_32() {
+    use std::sync::atomic::Ordering;
+    let guard = std::time::Duration::from_secs(10);
+    let (a, b, counts) = inline_pair(1 << 20, None, false).await;
+    let tx = a.open::<u32>().await.expect("open");
+    let mut rx = b.accept::<u32>().await.expect("accept").expect("a channel");
+    let back = b.open::<u32>().await.expect("open back");
+    let mut back_rx = a
+        .accept::<u32>()
+        .await
+        .expect("accept back")
+        .expect("a channel");
+    for (requests, writes) in [(64u32, 3), (1, 2)] {
+        for i in 0..requests {
+            tx.send(i).await.expect("send");
+        }
+        for i in 0..requests {
+            let got = tokio::time::timeout(guard, rx.recv()).await.expect("guard");
+            assert_eq!(got.expect("recv"), Some(i));
+        }
+        // Whatever the listener still had to write (credit for the requests) goes out
+        // first; the answers start with a fresh cooperative budget, so that nothing but
+        // the inline writes interrupts them.
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        let before = counts.writes.load(Ordering::Relaxed);
+        for i in 0..64 {
+            back.send(i).await.expect("answer");
+        }
+        for i in 0..64 {
+            let got = tokio::time::timeout(guard, back_rx.recv())
+                .await
+                .expect("an answer never came");
+            assert_eq!(got.expect("recv"), Some(i));
+        }
+        assert_eq!(
+            counts.writes.load(Ordering::Relaxed) - before,
+            writes,
+            "writes of 64 answers after {requests} request(s)"
+        );
+    }
 }
 
 /// A link that panics in a write made by a sending task fails the session (every end
