@@ -494,6 +494,47 @@ impl Stream {
             && matches!(self.tx, TxState::Open)
     }
 
+    /// Drops what the stream owns and leaves it [vacant](Stream::is_vacant), for a spare
+    /// box. Each field is looked at first: the drop glue of the whole state walks every
+    /// queue, about 200 instructions per stream when all are empty, as they usually are
+    /// by the time a stream is removed.
+    fn vacate(&mut self) {
+        if !self.msgs.is_empty() || self.msgs.rest.capacity() != 0 {
+            self.msgs = Queue::default();
+        }
+        if self.bytes.capacity() != 0 {
+            self.bytes = VecDeque::new();
+        }
+        if self.partial.is_some() {
+            self.partial = None;
+        }
+        if self.rx_waker.is_some() {
+            self.rx_waker = None;
+        }
+        if !self.queue.is_empty() || self.queue.rest.capacity() != 0 {
+            self.queue = Queue::default();
+        }
+        if self.end.is_some() {
+            self.end = None;
+        }
+        if self.tx_wakers.0.capacity() != 0 {
+            self.tx_wakers.0 = Vec::new();
+        }
+        if self.delivered_waker.is_some() {
+            self.delivered_waker = None;
+        }
+        if self.reset.is_some() {
+            self.reset = None;
+        }
+        if !matches!(self.rx, RxState::Open) {
+            self.rx = RxState::Open;
+        }
+        if !matches!(self.tx, TxState::Open) {
+            self.tx = TxState::Open;
+        }
+        debug_assert!(self.is_vacant(), "a vacated stream still owns something");
+    }
+
     /// Nothing refers to the stream any more: no handle, claimed, not pinned, both halves
     /// over.
     fn removable(&self) -> bool {
@@ -1459,7 +1500,7 @@ impl Mux {
             if self.spare_streams.len() < SPARE_STREAMS {
                 // Its contents go now (wakers, buffers), as they would with the box; the
                 // box waits for the next stream.
-                *b = Stream::new(StreamKind::Bytes, false, 0, 0, 0);
+                b.vacate();
                 self.spare_streams.push(b);
             }
             if self.role.owns(id) {
