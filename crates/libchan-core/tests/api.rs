@@ -724,6 +724,25 @@ struct WriteCounts {
     writes: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 }
 
+/// A channel from `a` to `b` and one back: `(to b, b's receiver, back to a, a's receiver)`.
+async fn forth_and_back<T>(
+    a: &Session,
+    b: &Session,
+) -> (Sender<T>, Receiver<T>, Sender<T>, Receiver<T>)
+where
+    T: serde::Serialize + serde::de::DeserializeOwned + Send + 'static,
+{
+    let tx = a.open::<T>().await.expect("open");
+    let rx = b.accept::<T>().await.expect("accept").expect("a channel");
+    let back = b.open::<T>().await.expect("open back");
+    let back_rx = a
+        .accept::<T>()
+        .await
+        .expect("accept back")
+        .expect("a channel");
+    (tx, rx, back, back_rx)
+}
+
 /// Two sessions over a pipe of `capacity` bytes; the listener's link is an [`InlineLink`].
 async fn inline_pair(
     capacity: usize,
@@ -761,18 +780,7 @@ async fn what_a_sending_task_could_not_write_is_finished_by_the_writer_in_order(
 async fn answers_arrive_over_a_small_pipe(buffered: bool) {
     let guard = std::time::Duration::from_secs(10);
     let (a, b, counts) = inline_pair(1024, None, buffered).await;
-    let tx = a.open::<String>().await.expect("open");
-    let mut rx = b
-        .accept::<String>()
-        .await
-        .expect("accept")
-        .expect("a channel");
-    let back = b.open::<String>().await.expect("open back");
-    let mut back_rx = a
-        .accept::<String>()
-        .await
-        .expect("accept back")
-        .expect("a channel");
+    let (tx, mut rx, back, mut back_rx) = forth_and_back::<String>(&a, &b).await;
     let big = |c: char, round: usize| format!("{round}:{}", c.to_string().repeat(20_000));
     for round in 0..10 {
         tx.send(format!("ping {round}")).await.expect("send");
@@ -810,14 +818,7 @@ async fn answers_to_a_batch_of_requests_leave_in_writes_of_32() {
     use std::sync::atomic::Ordering;
     let guard = std::time::Duration::from_secs(10);
     let (a, b, counts) = inline_pair(1 << 20, None, false).await;
-    let tx = a.open::<u32>().await.expect("open");
-    let mut rx = b.accept::<u32>().await.expect("accept").expect("a channel");
-    let back = b.open::<u32>().await.expect("open back");
-    let mut back_rx = a
-        .accept::<u32>()
-        .await
-        .expect("accept back")
-        .expect("a channel");
+    let (tx, mut rx, back, mut back_rx) = forth_and_back::<u32>(&a, &b).await;
     for (requests, writes) in [(64u32, 3), (1, 2)] {
         for i in 0..requests {
             tx.send(i).await.expect("send");
@@ -859,14 +860,7 @@ async fn a_link_panicking_in_a_sending_tasks_write_fails_the_session() {
     // The listener's writes: HELLO, the OPEN of `back`, a credit perhaps; the panic comes
     // at a later one, which the answers below reach whoever makes it.
     let (a, b, _) = inline_pair(1 << 16, Some(4), false).await;
-    let tx = a.open::<u32>().await.expect("open");
-    let mut rx = b.accept::<u32>().await.expect("accept").expect("a channel");
-    let back = b.open::<u32>().await.expect("open back");
-    let mut back_rx = a
-        .accept::<u32>()
-        .await
-        .expect("accept back")
-        .expect("a channel");
+    let (tx, mut rx, back, mut back_rx) = forth_and_back::<u32>(&a, &b).await;
     let mut failed = None;
     for i in 0..20u32 {
         if tx.send(i).await.is_err() {
