@@ -6,11 +6,12 @@
 //! whatever [`Mux::poll_transmit`] produces into few large writes. Senders never wait for
 //! the writer: they queue under a short lock and notify it — except that the second
 //! message a task sends after input arrived is written by that task itself, when the
-//! writer task is idle and the link allows it ([`LinkWrite::can_write_inline`]), and after
-//! input that brought a batch of requests every 32nd message after it as well. Over a
-//! link that writes vectored ([`LinkWrite::is_write_vectored`]), the writer takes batches from
-//! [`Mux::poll_transmit_batch`] instead: frame headers and small pieces copied into one
-//! buffer, message pieces of 4 KiB or more handed to `writev`/`sendmsg` where they are.
+//! writer task is idle and the link allows it ([`LinkWrite::can_write_inline`]), and
+//! after input that brought a batch of requests every 32nd message after it as well.
+//! Over a link that writes vectored ([`LinkWrite::is_write_vectored`]), the writer takes
+//! batches from [`Mux::poll_transmit_batch`] instead: frame headers and small pieces
+//! copied into one buffer, message pieces of 4 KiB or more handed to `writev`/`sendmsg`
+//! where they are.
 
 use std::collections::VecDeque;
 use std::fmt;
@@ -528,7 +529,7 @@ impl Shared {
     /// still leave together, from the writer, as one frame. After input that was a batch
     /// (several messages queued, or several tasks woken: `input_batch`) the answers keep
     /// leaving this way, every [`INLINE_EVERY`] messages, so the peer keeps working on
-    /// them while the rest are made (rpc with 64 callers +7–11% in alternating rounds);
+    /// them while the rest are made (rpc with 64 callers +7–16% in alternating rounds);
     /// otherwise once per input, so that a task sending many messages in a row (a stream
     /// whose input is credit) leaves them to the writer, which writes them together.
     fn with_send<R>(&self, f: impl FnOnce(&mut Mux) -> R) -> R {
