@@ -541,12 +541,72 @@ impl Stream {
         !self.handle && self.claimed && self.pins == 0 && self.rx_done() && self.tx_done()
     }
 
-    fn new(kind: StreamKind, local: bool, parent: u32, credit: u32, outstanding: u32) -> Self {
-        let (can_send, can_recv) = match (kind, local) {
+    /// Which halves a stream of `kind` has on the side that opened it (`local`) or not:
+    /// `(can_send, can_recv)`.
+    fn halves(kind: StreamKind, local: bool) -> (bool, bool) {
+        match (kind, local) {
             (StreamKind::Bytes, _) => (true, true),
             (StreamKind::OpenerSends, true) | (StreamKind::OpenerReceives, false) => (true, false),
             (StreamKind::OpenerSends, false) | (StreamKind::OpenerReceives, true) => (false, true),
-        };
+        }
+    }
+
+    /// Makes a [vacant](Stream::is_vacant) state (a spare box's) what [`Stream::new`] would
+    /// make, in place: only the fields that own nothing are written, the others are in
+    /// their new state already. Every field is named, so that a new one is decided here
+    /// too.
+    fn renew(&mut self, kind: StreamKind, local: bool, parent: u32, credit: u32, outstanding: u32) {
+        debug_assert!(self.is_vacant(), "a renewed stream still owns something");
+        let (send, recv) = Stream::halves(kind, local);
+        let Stream {
+            kind: s_kind,
+            parent: s_parent,
+            handle,
+            claimed,
+            can_send,
+            can_recv,
+            rx: _,
+            msgs: _,
+            bytes: _,
+            buffered,
+            partial: _,
+            outstanding: s_outstanding,
+            rx_waker: _,
+            tx: _,
+            queue: _,
+            pending,
+            credit: s_credit,
+            end: _,
+            tx_wakers: _,
+            in_ready,
+            reset_after,
+            pins,
+            orphan,
+            end_confirmed,
+            delivered,
+            delivered_waker: _,
+            reset: _,
+        } = self;
+        *s_kind = kind;
+        *s_parent = parent;
+        *handle = local;
+        *claimed = local;
+        *can_send = send;
+        *can_recv = recv;
+        *buffered = 0;
+        *s_outstanding = if recv { outstanding } else { 0 };
+        *pending = 0;
+        *s_credit = credit;
+        *in_ready = false;
+        *reset_after = false;
+        *pins = 0;
+        *orphan = false;
+        *end_confirmed = false;
+        *delivered = false;
+    }
+
+    fn new(kind: StreamKind, local: bool, parent: u32, credit: u32, outstanding: u32) -> Self {
+        let (can_send, can_recv) = Stream::halves(kind, local);
         Stream {
             kind,
             parent,
@@ -875,7 +935,7 @@ impl Mux {
         frame::encode_open(&mut self.ctrl, id, kind, parent);
         self.flush = true;
         let outstanding = self.local.initial_window;
-        let s = self.boxed(Stream::new(kind, true, parent, credit, outstanding));
+        let s = self.new_stream(kind, true, parent, credit, outstanding);
         self.streams.insert(id, s);
         self.local_open += 1;
         Ok(id)
@@ -1479,18 +1539,23 @@ impl Mux {
         }
     }
 
-    /// `s` in a box, a spare one if there is one ([`SPARE_STREAMS`]).
-    fn boxed(&mut self, s: Stream) -> Box<Stream> {
+    /// A new stream's state ([`Stream::new`]) in a box, a spare one if there is one
+    /// ([`SPARE_STREAMS`]): that one holds the empty state `remove_stream` left (no
+    /// waker, no buffer, nothing allocated), and only its plain fields are written.
+    fn new_stream(
+        &mut self,
+        kind: StreamKind,
+        local: bool,
+        parent: u32,
+        credit: u32,
+        outstanding: u32,
+    ) -> Box<Stream> {
         match self.spare_streams.pop() {
             Some(mut b) => {
-                // A spare box holds the empty state `remove_stream` left (no waker, no
-                // buffer, nothing allocated): it is overwritten without running its drop
-                // glue, which walks every queue (about 200 instructions per stream).
-                debug_assert!(b.is_vacant(), "a spare stream box holds state");
-                std::mem::forget(std::mem::replace(&mut *b, s));
+                b.renew(kind, local, parent, credit, outstanding);
                 b
             }
-            None => Box::new(s),
+            None => Box::new(Stream::new(kind, local, parent, credit, outstanding)),
         }
     }
 
@@ -2696,12 +2761,11 @@ impl Mux {
             return Ok(());
         }
         let credit = self.peer.as_ref().map_or(0, |p| p.initial_window);
-        let mut s = Stream::new(kind, false, parent, credit, self.local.initial_window);
+        let mut s = self.new_stream(kind, false, parent, credit, self.local.initial_window);
         if parent != 0 {
             s.orphan = true;
             self.orphans.entry(parent).or_default().push_back(id);
         }
-        let s = self.boxed(s);
         self.streams.insert(id, s);
         self.peer_open += 1;
         if parent == 0 {
