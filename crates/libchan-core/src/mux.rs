@@ -551,10 +551,10 @@ impl Stream {
         }
     }
 
-    /// Makes a [vacant](Stream::is_vacant) state (a spare box's) what [`Stream::new`] would
-    /// make, in place: only the fields that own nothing are written, the others are in
-    /// their new state already. Every field is named, so that a new one is decided here
-    /// too.
+    /// Makes a [vacant](Stream::is_vacant) state (a spare box's, or [`Stream::new`]'s) a
+    /// new stream of `kind`, in place: only the fields that own nothing are written, the
+    /// others are in their new state already. Every field is named, so that a new one is
+    /// decided here too.
     fn renew(&mut self, kind: StreamKind, local: bool, parent: u32, credit: u32, outstanding: u32) {
         debug_assert!(self.is_vacant(), "a renewed stream still owns something");
         let (send, recv) = Stream::halves(kind, local);
@@ -606,25 +606,26 @@ impl Stream {
     }
 
     fn new(kind: StreamKind, local: bool, parent: u32, credit: u32, outstanding: u32) -> Self {
-        let (can_send, can_recv) = Stream::halves(kind, local);
-        Stream {
+        // Nothing owned; the plain fields are placeholders that `renew` sets: it is the one
+        // place that says what a new stream starts with.
+        let mut s = Stream {
             kind,
-            parent,
-            handle: local,
-            claimed: local,
-            can_send,
-            can_recv,
+            parent: 0,
+            handle: false,
+            claimed: false,
+            can_send: false,
+            can_recv: false,
             rx: RxState::Open,
             msgs: Queue::default(),
             bytes: VecDeque::new(),
             buffered: 0,
             partial: None,
-            outstanding: if can_recv { outstanding } else { 0 },
+            outstanding: 0,
             rx_waker: None,
             tx: TxState::Open,
             queue: Queue::default(),
             pending: 0,
-            credit,
+            credit: 0,
             end: None,
             tx_wakers: Waiters::default(),
             in_ready: false,
@@ -635,7 +636,9 @@ impl Stream {
             delivered: false,
             delivered_waker: None,
             reset: None,
-        }
+        };
+        s.renew(kind, local, parent, credit, outstanding);
+        s
     }
 
     fn rx_done(&self) -> bool {
