@@ -2384,6 +2384,7 @@ impl Mux {
         p.need = p.need.saturating_sub(n);
         p.counted += n;
         let woke = p.need == 0 && finish_partial(s, &mut pins);
+        self.messages_in += usize::from(woke);
         self.settle_rx(id, n, woke, pins);
     }
 
