@@ -1173,19 +1173,21 @@ struct SenderAttach<T>(Sender<T>);
 impl<T: Message> Attach for SenderAttach<T> {
     fn install(self: Box<Self>, session: &Arc<NetSession>, id: u32) {
         let tx = self.0;
-        session.export_sender(id, tx.clone());
         if let SenderInner::Local(l) = &tx.inner {
             let feed = RemoteReceiver::new(session.clone(), id);
             if l.shared.is_rx_closed() {
                 // Nobody receives any more: refuse the peer's messages at once.
                 drop(feed);
-                session.unexport(id);
             } else {
-                // The channel's receiver reads the new stream itself.
-                l.shared.feeds.add(feed);
+                // The channel's receiver reads the new stream itself; the handle itself
+                // is kept for the peer's sending it back (no clone to count and drop).
+                let shared = l.shared.clone();
+                session.export_sender(id, tx);
+                shared.feeds.add(feed);
             }
             return;
         }
+        session.export_sender(id, tx.clone());
         let mut rx = Receiver::<T>::remote(session.clone(), id);
         let s = session.clone();
         session.spawn(async move {
