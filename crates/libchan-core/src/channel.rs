@@ -1181,6 +1181,8 @@ impl<T: Message> Attach for SenderAttach<T> {
             } else {
                 // The channel's receiver reads the new stream itself; the handle itself
                 // is kept for the peer's sending it back (no clone to count and drop).
+                // Exported before the feed is added: a feed that ends at once unexports
+                // its id, which must then be there to go.
                 let shared = l.shared.clone();
                 session.export_sender(id, tx);
                 shared.feeds.add(feed);
