@@ -413,7 +413,7 @@ impl Endpoint {
         };
         match router.bind_server_stream(id) {
             Ok(out) => {
-                router.spawn_reader(Bind::Stream(id), body);
+                router.add_body(Bind::Stream(id), body);
                 ok_response(out, None)
             }
             Err(status) => plain(status, format!("libchan stream {id} cannot be bound here")),
@@ -469,7 +469,7 @@ impl Endpoint {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(token.clone(), Arc::downgrade(&router));
-        router.spawn_reader(Bind::Control, body);
+        router.add_body(Bind::Control, body);
         let out = router.control();
         let config = config.clone();
         tokio::spawn(async move {
@@ -860,7 +860,7 @@ impl H2Client {
             ));
         };
         token_tx.send_replace(Some(token));
-        router.spawn_reader(Bind::Control, resp.into_body());
+        router.add_body(Bind::Control, resp.into_body());
         Session::over_link(H2Link(router), Role::Dialer, &self.config).await
     }
 }

@@ -6,18 +6,21 @@
 //! GOAWAY, and top-level OPENs from the server, which cannot open HTTP/2 streams) on the
 //! session's control stream. The OPEN of a nested stream travels on its parent's HTTP/2
 //! stream, just before the message that references it, so that order is kept where it
-//! matters. Inbound, one task per HTTP/2 stream reads whole frames and hands them to the
-//! multiplexer; frames of a stream whose OPEN has not been handed over yet wait (and with
-//! them HTTP/2 flow control stops that stream). See docs/PROTOCOL.md §14.
+//! matters. Inbound, the session's reader polls every HTTP/2 body itself (no task per
+//! stream: a frame goes from HTTP/2's connection task straight to the multiplexer's
+//! reader) and hands whole frames to the multiplexer; frames of a stream whose OPEN has
+//! not been handed over yet wait (and with them HTTP/2 flow control stops that stream).
+//! See docs/PROTOCOL.md §14.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::fmt;
-use std::future::poll_fn;
+use std::future::{poll_fn, Future};
 use std::io;
 use std::os::fd::OwnedFd;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Wake, Waker};
 
 use bytes::{Bytes, BytesMut};
 use http::{HeaderValue, Request, StatusCode, Uri};
@@ -25,17 +28,14 @@ use http_body::Body;
 use libchan_core::driver::{Link, LinkRead, LinkWrite};
 use libchan_core::frame::{FrameType, FLAG_FIN, HEADER_LEN};
 use libchan_core::{PeerIdentity, Role};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 
 use crate::body::{OutBody, OutQueue};
 use crate::{Registry, CONTENT_TYPE, SESSION_HEADER, STREAM_HEADER};
 
-/// Inbound items queued for the multiplexer.
-const IN_QUEUE: usize = 256;
-/// Read at most this much from the inbound queue per read call.
+/// Read at most this much from the inbound bodies per read call; a body is not polled
+/// further while this much waits for the multiplexer.
 const READ_BATCH: usize = 256 * 1024;
-
-type InItem = Result<Bytes, String>;
 
 /// Where an inbound HTTP/2 body belongs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -135,7 +135,6 @@ struct State {
     routes: HashMap<u32, Route>,
     carry: BytesMut,
     failure: Option<String>,
-    rx: Option<mpsc::Receiver<InItem>>,
 }
 
 /// What the client side needs to open HTTP/2 streams.
@@ -153,7 +152,7 @@ pub(crate) struct Router {
     max_routes: usize,
     control: Arc<OutQueue>,
     state: Mutex<State>,
-    in_tx: mpsc::Sender<InItem>,
+    inbound: Arc<Inbound>,
     shutdown: watch::Sender<bool>,
     /// The next id the peer opens: its OPENs reach the multiplexer in id order (they may
     /// arrive on different HTTP/2 streams, out of order).
@@ -210,7 +209,6 @@ impl Router {
         limits: &libchan_core::Limits,
         registry: Option<(Weak<Registry>, String)>,
     ) -> Arc<Router> {
-        let (in_tx, rx) = mpsc::channel(IN_QUEUE);
         Arc::new(Router {
             role,
             client,
@@ -222,9 +220,8 @@ impl Router {
                 routes: HashMap::new(),
                 carry: BytesMut::new(),
                 failure: None,
-                rx: Some(rx),
             }),
-            in_tx,
+            inbound: Arc::new(Inbound::default()),
             shutdown: watch::channel(false).0,
             next_peer_open: std::sync::atomic::AtomicU32::new(if role == Role::Dialer {
                 2
@@ -249,13 +246,21 @@ impl Router {
         if st.failure.is_some() {
             return;
         }
-        st.failure = Some(msg.clone());
+        st.failure = Some(msg);
         drop(st);
-        let _ = self.in_tx.try_send(Err(msg));
+        self.inbound.wake_reader();
     }
 
+    /// The session's reader is gone: stops the tasks that open client streams, and drops
+    /// the bodies nobody will read.
     fn stop_readers(&self) {
         self.shutdown.send_replace(true);
+        let added = {
+            let mut st = self.inbound.lock();
+            st.closed = true;
+            std::mem::take(&mut st.added)
+        };
+        drop(added);
     }
 
     fn end_all(&self) {
@@ -515,24 +520,22 @@ impl Router {
         });
     }
 
-    /// Spawns the task that reads an inbound HTTP/2 body into the multiplexer.
-    pub(crate) fn spawn_reader<B>(self: &Arc<Self>, bind: Bind, body: B)
+    /// Hands an inbound HTTP/2 body to the session's reader, which polls it from now on.
+    pub(crate) fn add_body<B>(&self, bind: Bind, body: B)
     where
         B: Body<Data = Bytes> + Send + 'static,
-        B::Error: fmt::Display + Send,
+        B::Error: fmt::Display,
     {
-        let router = self.clone();
-        tokio::spawn(async move {
-            let mut shutdown = router.shutdown.subscribe();
-            tokio::select! {
-                r = read_body(&router, bind, body) => {
-                    if let Err(m) = r {
-                        router.fail(m);
-                    }
-                }
-                _ = shutdown.wait_for(|s| *s) => {}
-            }
-        });
+        let mut st = self.inbound.lock();
+        if st.closed {
+            return;
+        }
+        st.added.push((bind, Box::pin(body)));
+        let w = st.waker.take();
+        drop(st);
+        if let Some(w) = w {
+            w.wake();
+        }
     }
 }
 
@@ -566,88 +569,8 @@ async fn client_stream(router: &Arc<Router>, id: u32, out: Arc<OutQueue>) -> Res
             resp.status()
         ));
     }
-    read_body(router, Bind::Stream(id), resp.into_body()).await
-}
-
-/// Reads whole frames from `body` and hands them to the multiplexer.
-async fn read_body<B>(router: &Arc<Router>, bind: Bind, body: B) -> Result<(), String>
-where
-    B: Body<Data = Bytes>,
-    B::Error: fmt::Display + Send,
-{
-    let mut body = std::pin::pin!(body);
-    let mut buf = BytesMut::new();
-    loop {
-        while buf.len() >= HEADER_LEN {
-            let (len, ..) = header(&buf);
-            if len > router.max_frame {
-                return Err(format!(
-                    "frame length exceeds max_frame_size: {len} > limit {}",
-                    router.max_frame
-                ));
-            }
-            if buf.len() < HEADER_LEN + len {
-                break;
-            }
-            let frame = buf.split_to(HEADER_LEN + len).freeze();
-            loop {
-                match router.admit(bind, &frame)? {
-                    Admit::Forward(opened) => {
-                        router
-                            .in_tx
-                            .send(Ok(frame))
-                            .await
-                            .map_err(|_| "session gone".to_owned())?;
-                        if let Some(id) = opened {
-                            router.mark_known(id);
-                        }
-                        break;
-                    }
-                    Admit::Wait(mut known) => {
-                        known
-                            .wait_for(|k| *k)
-                            .await
-                            .map_err(|_| "stream forgotten".to_owned())?;
-                    }
-                    Admit::WaitTurn(mut turn) => {
-                        turn.wait_for(|t| *t)
-                            .await
-                            .map_err(|_| "session gone".to_owned())?;
-                    }
-                }
-            }
-        }
-        match poll_fn(|cx| body.as_mut().poll_frame(cx)).await {
-            Some(Ok(f)) => {
-                if let Ok(d) = f.into_data() {
-                    buf.extend_from_slice(&d);
-                }
-            }
-            Some(Err(e)) => {
-                return Err(match bind {
-                    Bind::Control => format!("HTTP/2 control stream failed: {e}"),
-                    Bind::Stream(s) => format!("HTTP/2 stream of libchan stream {s} failed: {e}"),
-                })
-            }
-            None => {
-                if !buf.is_empty() {
-                    return Err(format!(
-                        "HTTP/2 stream ended inside a frame ({} bytes left)",
-                        buf.len()
-                    ));
-                }
-                return match router.body_ended(bind) {
-                    Ok(()) => Ok(()),
-                    Err(m) if m.is_empty() => {
-                        // End of the control stream: end of the connection.
-                        let _ = router.in_tx.send(Ok(Bytes::new())).await;
-                        Ok(())
-                    }
-                    Err(m) => Err(m),
-                };
-            }
-        }
-    }
+    router.add_body(Bind::Stream(id), resp.into_body());
+    Ok(())
 }
 
 /// The [`Link`] a session's multiplexer runs over.
@@ -660,28 +583,298 @@ impl Link for H2Link {
     }
 
     fn split(self: Box<Self>) -> (Box<dyn LinkRead>, Box<dyn LinkWrite>) {
-        let rx = self.0.lock().rx.take();
         (
             Box::new(H2Read {
                 router: self.0.clone(),
-                rx,
-                pending: Bytes::new(),
+                slots: Vec::new(),
+                free: Vec::new(),
+                todo: VecDeque::new(),
+                pending: VecDeque::new(),
+                pending_bytes: 0,
+                eof: false,
             }),
             Box::new(H2Write { router: self.0 }),
         )
     }
 }
 
+/// An inbound HTTP/2 body, its errors as text.
+trait InBody: Send {
+    /// The next DATA of the body (other frames, such as trailers, are skipped).
+    fn poll_data(self: Pin<&mut Self>, cx: &mut Context<'_>)
+        -> Poll<Option<Result<Bytes, String>>>;
+}
+
+impl<B> InBody for B
+where
+    B: Body<Data = Bytes> + Send,
+    B::Error: fmt::Display,
+{
+    fn poll_data(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Bytes, String>>> {
+        loop {
+            return match self.as_mut().poll_frame(cx) {
+                Poll::Ready(Some(Ok(f))) => match f.into_data() {
+                    Ok(d) => Poll::Ready(Some(Ok(d))),
+                    Err(_) => continue,
+                },
+                Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.to_string()))),
+                Poll::Ready(None) => Poll::Ready(None),
+                Poll::Pending => Poll::Pending,
+            };
+        }
+    }
+}
+
+type BoxedBody = Pin<Box<dyn InBody>>;
+
+/// What the session's reader shares with the tasks that hand it bodies and with the
+/// bodies' wakers.
+#[derive(Default)]
+struct Inbound {
+    state: Mutex<InboundState>,
+}
+
+#[derive(Default)]
+struct InboundState {
+    /// Bodies handed over since the reader last looked.
+    added: Vec<(Bind, BoxedBody)>,
+    /// Slots whose body (or wait) was woken.
+    ready: Vec<usize>,
+    /// The reader, when it waits.
+    waker: Option<Waker>,
+    /// The reader is gone.
+    closed: bool,
+}
+
+impl Inbound {
+    fn lock(&self) -> MutexGuard<'_, InboundState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn wake_reader(&self) {
+        let w = self.lock().waker.take();
+        if let Some(w) = w {
+            w.wake();
+        }
+    }
+}
+
+/// The waker a body's slot is polled with: queues the slot for the reader.
+struct SlotWake {
+    slot: usize,
+    inbound: Arc<Inbound>,
+    /// Queued and not yet taken by the reader: further wake-ups add nothing.
+    queued: AtomicBool,
+}
+
+impl Wake for SlotWake {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        if self.queued.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let mut st = self.inbound.lock();
+        st.ready.push(self.slot);
+        let w = st.waker.take();
+        drop(st);
+        if let Some(w) = w {
+            w.wake();
+        }
+    }
+}
+
+type WaitFuture = Pin<Box<dyn Future<Output = Result<(), String>> + Send>>;
+
+/// One inbound HTTP/2 body being read.
+struct Slot {
+    bind: Bind,
+    body: BoxedBody,
+    /// Received bytes not yet handed over (at most one incomplete frame, or the frames
+    /// behind one that waits).
+    buf: BytesMut,
+    /// The frame at the head of `buf` waits for this (its stream's OPEN, or its turn).
+    wait: Option<WaitFuture>,
+    wake: Arc<SlotWake>,
+    waker: Waker,
+}
+
+/// What became of a slot after its turn.
+enum Driven {
+    /// Waiting for its body or for an OPEN.
+    Idle,
+    /// Stopped because enough waits for the multiplexer: poll it again later.
+    Full,
+    /// The body ended or failed: free the slot.
+    Done,
+}
+
 struct H2Read {
     router: Arc<Router>,
-    rx: Option<mpsc::Receiver<InItem>>,
-    /// The part of a received chunk that did not fit the last read's room.
-    pending: Bytes,
+    slots: Vec<Option<Slot>>,
+    free: Vec<usize>,
+    /// Slots to drive, in the order they were woken.
+    todo: VecDeque<usize>,
+    /// Whole frames admitted and not yet read by the multiplexer.
+    pending: VecDeque<Bytes>,
+    pending_bytes: usize,
+    /// The control stream ended: the connection's end.
+    eof: bool,
 }
 
 impl Drop for H2Read {
     fn drop(&mut self) {
         self.router.stop_readers();
+    }
+}
+
+impl H2Read {
+    fn add(&mut self, bind: Bind, body: BoxedBody) {
+        let idx = self.free.pop().unwrap_or(self.slots.len());
+        let wake = Arc::new(SlotWake {
+            slot: idx,
+            inbound: self.router.inbound.clone(),
+            queued: AtomicBool::new(true),
+        });
+        let slot = Slot {
+            bind,
+            body,
+            buf: BytesMut::new(),
+            wait: None,
+            waker: Waker::from(wake.clone()),
+            wake,
+        };
+        if idx == self.slots.len() {
+            self.slots.push(Some(slot));
+        } else {
+            self.slots[idx] = Some(slot);
+        }
+        self.todo.push_back(idx);
+    }
+
+    /// Reads what slot `idx`'s body has and admits its whole frames into `pending`.
+    fn drive(&mut self, idx: usize) -> Driven {
+        let router = &self.router;
+        let Some(Some(slot)) = self.slots.get_mut(idx) else {
+            return Driven::Idle; // a stale wake-up of a freed slot
+        };
+        slot.wake.queued.store(false, Ordering::Release);
+        let mut cx = Context::from_waker(&slot.waker);
+        loop {
+            if let Some(wait) = slot.wait.as_mut() {
+                match wait.as_mut().poll(&mut cx) {
+                    Poll::Pending => return Driven::Idle,
+                    Poll::Ready(Err(m)) => {
+                        router.fail(m);
+                        return Driven::Done;
+                    }
+                    Poll::Ready(Ok(())) => slot.wait = None,
+                }
+            }
+            while slot.buf.len() >= HEADER_LEN {
+                let (len, ..) = header(&slot.buf);
+                if len > router.max_frame {
+                    router.fail(format!(
+                        "frame length exceeds max_frame_size: {len} > limit {}",
+                        router.max_frame
+                    ));
+                    return Driven::Done;
+                }
+                if slot.buf.len() < HEADER_LEN + len {
+                    break;
+                }
+                match router.admit(slot.bind, &slot.buf[..HEADER_LEN + len]) {
+                    Err(m) => {
+                        router.fail(m);
+                        return Driven::Done;
+                    }
+                    Ok(Admit::Forward(opened)) => {
+                        let frame = slot.buf.split_to(HEADER_LEN + len).freeze();
+                        self.pending_bytes += frame.len();
+                        self.pending.push_back(frame);
+                        if let Some(id) = opened {
+                            router.mark_known(id);
+                        }
+                    }
+                    Ok(Admit::Wait(mut known)) => {
+                        slot.wait = Some(Box::pin(async move {
+                            known
+                                .wait_for(|k| *k)
+                                .await
+                                .map(|_| ())
+                                .map_err(|_| "stream forgotten".to_owned())
+                        }));
+                        break;
+                    }
+                    Ok(Admit::WaitTurn(mut turn)) => {
+                        slot.wait = Some(Box::pin(async move {
+                            turn.wait_for(|t| *t)
+                                .await
+                                .map(|_| ())
+                                .map_err(|_| "session gone".to_owned())
+                        }));
+                        break;
+                    }
+                }
+            }
+            if slot.wait.is_some() {
+                continue; // poll the new wait, which registers the slot's waker
+            }
+            if self.pending_bytes >= READ_BATCH {
+                return Driven::Full;
+            }
+            match slot.body.as_mut().poll_data(&mut cx) {
+                Poll::Pending => return Driven::Idle,
+                Poll::Ready(Some(Ok(d))) => slot.buf.extend_from_slice(&d),
+                Poll::Ready(Some(Err(e))) => {
+                    router.fail(match slot.bind {
+                        Bind::Control => format!("HTTP/2 control stream failed: {e}"),
+                        Bind::Stream(s) => {
+                            format!("HTTP/2 stream of libchan stream {s} failed: {e}")
+                        }
+                    });
+                    return Driven::Done;
+                }
+                Poll::Ready(None) => {
+                    if !slot.buf.is_empty() {
+                        router.fail(format!(
+                            "HTTP/2 stream ended inside a frame ({} bytes left)",
+                            slot.buf.len()
+                        ));
+                        return Driven::Done;
+                    }
+                    match router.body_ended(slot.bind) {
+                        Ok(()) => {}
+                        // End of the control stream: end of the connection.
+                        Err(m) if m.is_empty() => self.eof = true,
+                        Err(m) => router.fail(m),
+                    }
+                    return Driven::Done;
+                }
+            }
+        }
+    }
+
+    /// Moves admitted frames into `buf`, at most `room` bytes in all; returns the count.
+    fn take_pending(&mut self, buf: &mut BytesMut, room: usize, mut n: usize) -> usize {
+        while n < room {
+            let Some(front) = self.pending.front_mut() else {
+                break;
+            };
+            let k = (room - n).min(front.len());
+            buf.extend_from_slice(&front.split_to(k));
+            n += k;
+            self.pending_bytes -= k;
+            if front.is_empty() {
+                self.pending.pop_front();
+            }
+        }
+        n
     }
 }
 
@@ -692,56 +885,53 @@ impl LinkRead for H2Read {
         buf: &mut BytesMut,
         _fds: &mut Vec<OwnedFd>,
     ) -> Poll<io::Result<usize>> {
-        let Some(rx) = self.rx.as_mut() else {
-            return Poll::Ready(Err(io::Error::other("link already split")));
-        };
         // Never more than the room the caller gave (it may be a message body's exact
         // remainder); what does not fit waits for the next read.
         let room = (buf.capacity() - buf.len()).max(1);
-        let mut n = 0;
-        if !self.pending.is_empty() {
-            let k = room.min(self.pending.len());
-            buf.extend_from_slice(&self.pending.split_to(k));
-            n += k;
-        }
+        let mut n = self.take_pending(buf, room, 0);
         loop {
-            if n >= room || !self.pending.is_empty() {
+            if n >= room || n >= READ_BATCH {
                 return Poll::Ready(Ok(n));
             }
-            let item = match rx.poll_recv(cx) {
-                Poll::Ready(item) => item,
-                Poll::Pending if n > 0 => return Poll::Ready(Ok(n)),
-                Poll::Pending => {
-                    if let Some(m) = self.router.lock().failure.clone() {
-                        return Poll::Ready(Err(io::Error::other(m)));
+            if self.todo.is_empty() {
+                let (added, ready) = {
+                    let mut st = self.router.inbound.lock();
+                    if st.added.is_empty() && st.ready.is_empty() {
+                        st.waker = Some(cx.waker().clone());
+                        break;
                     }
-                    return Poll::Pending;
+                    (std::mem::take(&mut st.added), std::mem::take(&mut st.ready))
+                };
+                self.todo.extend(ready);
+                for (bind, body) in added {
+                    self.add(bind, body);
                 }
-            };
-            match item {
-                Some(Ok(b)) if b.is_empty() => {
-                    // End of the control stream.
-                    return Poll::Ready(Ok(n));
-                }
-                Some(Ok(mut b)) => {
-                    let k = (room - n).min(b.len());
-                    buf.extend_from_slice(&b.split_to(k));
-                    n += k;
-                    self.pending = b;
-                    if n >= READ_BATCH {
-                        return Poll::Ready(Ok(n));
-                    }
-                }
-                Some(Err(m)) => {
-                    if n > 0 {
-                        // Deliver what came first; the error is still recorded.
-                        return Poll::Ready(Ok(n));
-                    }
-                    return Poll::Ready(Err(io::Error::other(m)));
-                }
-                None => return Poll::Ready(Err(io::Error::other("HTTP/2 readers gone"))),
             }
+            while let Some(idx) = self.todo.pop_front() {
+                match self.drive(idx) {
+                    Driven::Idle => {}
+                    Driven::Full => {
+                        self.todo.push_front(idx);
+                        break;
+                    }
+                    Driven::Done => {
+                        self.slots[idx] = None;
+                        self.free.push(idx);
+                    }
+                }
+                if self.pending_bytes >= READ_BATCH {
+                    break;
+                }
+            }
+            n = self.take_pending(buf, room, n);
         }
+        if n > 0 || self.eof {
+            return Poll::Ready(Ok(n));
+        }
+        if let Some(m) = self.router.lock().failure.clone() {
+            return Poll::Ready(Err(io::Error::other(m)));
+        }
+        Poll::Pending
     }
 }
 
