@@ -21,6 +21,8 @@ struct Inner {
     /// The body was dropped (stream reset, connection gone): pushes are discarded.
     dropped: bool,
     waker: Option<Waker>,
+    /// Client side: the HTTP/2 stream the frames go to directly (no body task between).
+    sink: Option<h2::SendStream<Bytes>>,
 }
 
 /// The frames queued for one direction of one HTTP/2 stream.
@@ -45,10 +47,40 @@ impl OutQueue {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// From now on sends straight on `stream`: what is queued first, then every frame
+    /// pushed (the client side, which drives its HTTP/2 streams itself).
+    pub(crate) fn attach(&self, mut stream: h2::SendStream<Bytes>) {
+        let mut g = self.lock();
+        if g.dropped {
+            return;
+        }
+        g.bytes = 0;
+        let queued = std::mem::take(&mut g.frames);
+        let mut ok = true;
+        for f in queued {
+            ok = ok && stream.send_data(f, false).is_ok();
+        }
+        if g.ended && ok {
+            let _ = stream.send_data(Bytes::new(), true);
+        }
+        if !ok {
+            g.dropped = true;
+        }
+        g.sink = Some(stream);
+    }
+
     /// Queues a frame. Ignored after [`end`](OutQueue::end) or once the body is gone.
     pub(crate) fn push(&self, frame: Bytes) {
         let mut g = self.lock();
         if g.ended || g.dropped {
+            return;
+        }
+        if let Some(s) = g.sink.as_mut() {
+            // h2 keeps what its flow control does not let out yet; libchan's credit
+            // bounds that (docs/PROTOCOL.md §14).
+            if s.send_data(frame, false).is_err() {
+                g.dropped = true; // the stream was reset or the connection is gone
+            }
             return;
         }
         g.bytes += frame.len();
@@ -61,7 +93,15 @@ impl OutQueue {
     /// Ends the body once what is queued has been sent.
     pub(crate) fn end(&self) {
         let mut g = self.lock();
+        if g.ended {
+            return;
+        }
         g.ended = true;
+        if !g.dropped {
+            if let Some(s) = g.sink.as_mut() {
+                let _ = s.send_data(Bytes::new(), true);
+            }
+        }
         if let Some(w) = g.waker.take() {
             w.wake();
         }

@@ -47,7 +47,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use libchan_core::{Config, Error, ErrorKind, PeerIdentity, Role, Session};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 
 pub use body::OutBody;
 use router::{Bind, ClientSide, H2Link, Router};
@@ -791,10 +791,12 @@ impl H2Client {
         IO: AsyncRead + AsyncWrite + Send + Unpin + 'static,
     {
         let limits = self.config.limits();
-        let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-            .initial_stream_window_size(h2_window(limits))
+        // h2's client, driven directly: the session's writer hands frames to h2's send
+        // buffers and its reader polls h2's receive streams (no body tasks between).
+        let (sender, conn) = h2::client::Builder::new()
+            .initial_window_size(h2_window(limits))
             .initial_connection_window_size(16 * 1024 * 1024)
-            .handshake::<_, OutBody>(TokioIo::new(io))
+            .handshake::<_, Bytes>(io)
             .await
             .map_err(|e| Error::new(ErrorKind::Handshake, format!("HTTP/2 handshake: {e}")))?;
         let (scheme, authority) = match &self.tls {
@@ -807,13 +809,12 @@ impl H2Client {
         let uri: Uri = format!("{scheme}://{authority}{}", self.path)
             .parse()
             .map_err(|e| Error::new(ErrorKind::Closed, format!("bad endpoint URI: {e}")))?;
-        let (token_tx, token_rx) = watch::channel(None);
         let router = Router::new(
             Role::Dialer,
             Some(ClientSide {
                 sender: sender.clone(),
                 uri: uri.clone(),
-                token: token_rx,
+                token: std::sync::OnceLock::new(),
             }),
             peer,
             limits,
@@ -832,7 +833,7 @@ impl H2Client {
         let mut req = Request::post(uri)
             .header(http::header::CONTENT_TYPE, CONTENT_TYPE)
             .header(VERSION_HEADER, "1")
-            .body(OutBody::stream(router.control()))
+            .body(())
             .map_err(|e| {
                 Error::new(
                     ErrorKind::Closed,
@@ -840,14 +841,16 @@ impl H2Client {
                 )
             })?;
         req.headers_mut().extend(self.headers.clone());
-        let mut sender = sender;
-        let resp = sender
-            .send_request(req)
-            .await
-            .map_err(|e| Error::new(ErrorKind::ConnectionLost, format!("session request: {e}")))?;
+        let lost =
+            |e: h2::Error| Error::new(ErrorKind::ConnectionLost, format!("session request: {e}"));
+        let mut sender = sender.ready().await.map_err(lost)?;
+        let (response, stream) = sender.send_request(req, false).map_err(lost)?;
+        router.control().attach(stream);
+        let resp = response.await.map_err(lost)?;
         let status = resp.status();
         if status != StatusCode::OK {
-            let text = router::read_text(resp.into_body(), MAX_REFUSAL_TEXT).await;
+            let body = router::ClientBody::Body(resp.into_body());
+            let text = router::read_text(body, MAX_REFUSAL_TEXT).await;
             return Err(Error::new(
                 ErrorKind::Refused,
                 format!("the server refused the session: HTTP {status}: {text}"),
@@ -859,8 +862,10 @@ impl H2Client {
                 format!("the server answered without a {SESSION_HEADER} header: not a libchan endpoint?"),
             ));
         };
-        token_tx.send_replace(Some(token));
-        router.add_body(Bind::Control, resp.into_body());
+        if let Some(client) = router.client() {
+            let _ = client.token.set(token);
+        }
+        router.add_body(Bind::Control, router::ClientBody::Body(resp.into_body()));
         Session::over_link(H2Link(router), Role::Dialer, &self.config).await
     }
 }

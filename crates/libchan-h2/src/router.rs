@@ -30,7 +30,7 @@ use libchan_core::frame::{FrameType, FLAG_FIN, HEADER_LEN};
 use libchan_core::{PeerIdentity, Role};
 use tokio::sync::watch;
 
-use crate::body::{OutBody, OutQueue};
+use crate::body::OutQueue;
 use crate::{Registry, CONTENT_TYPE, SESSION_HEADER, STREAM_HEADER};
 
 /// Read at most this much from the inbound bodies per read call; a body is not polled
@@ -137,11 +137,13 @@ struct State {
     failure: Option<String>,
 }
 
-/// What the client side needs to open HTTP/2 streams.
+/// What the client side needs to open HTTP/2 streams (it drives h2's client itself: a
+/// frame goes from the multiplexer's writer straight into h2's send buffer).
 pub(crate) struct ClientSide {
-    pub(crate) sender: hyper::client::conn::http2::SendRequest<OutBody>,
+    pub(crate) sender: h2::client::SendRequest<Bytes>,
     pub(crate) uri: Uri,
-    pub(crate) token: watch::Receiver<Option<HeaderValue>>,
+    /// The session token, set once the control stream's response named it.
+    pub(crate) token: std::sync::OnceLock<HeaderValue>,
 }
 
 pub(crate) struct Router {
@@ -236,6 +238,10 @@ impl Router {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    pub(crate) fn client(&self) -> Option<&ClientSide> {
+        self.client.as_ref()
+    }
+
     pub(crate) fn control(&self) -> Arc<OutQueue> {
         self.control.clone()
     }
@@ -297,7 +303,7 @@ impl Router {
                 p.out.push(frame);
             }
             if spawn {
-                self.spawn_client_stream(id, own_out);
+                self.open_client_stream(id, own_out);
             }
             return;
         }
@@ -438,7 +444,7 @@ impl Router {
         if self.role == Role::Dialer && !route.bound {
             route.bound = true;
             let out = route.out.clone();
-            self.spawn_client_stream(id, out);
+            self.open_client_stream(id, out);
         }
         Ok(())
     }
@@ -505,19 +511,53 @@ impl Router {
         Ok(route.out.clone())
     }
 
-    fn spawn_client_stream(self: &Arc<Self>, id: u32, out: Arc<OutQueue>) {
-        let router = self.clone();
-        tokio::spawn(async move {
-            let mut shutdown = router.shutdown.subscribe();
-            tokio::select! {
-                r = client_stream(&router, id, out) => {
-                    if let Err(m) = r {
-                        router.fail(m);
-                    }
-                }
-                _ = shutdown.wait_for(|s| *s) => {}
-            }
-        });
+    /// Client: opens the HTTP/2 stream of libchan stream `id`, whose frames go out from
+    /// `out`. Runs under the state's lock, from the writer, so streams open in the order
+    /// their OPENs are written. A fresh clone of h2's sender is always ready: h2 holds a
+    /// stream beyond the server's `max_concurrent_streams` until another ends (test
+    /// `channels_beyond_the_servers_stream_limit_wait_for_room`); libchan's `max_streams`
+    /// bounds how many wait.
+    fn open_client_stream(self: &Arc<Self>, id: u32, out: Arc<OutQueue>) {
+        let Some(client) = self.client.as_ref() else {
+            return;
+        };
+        let mut sender = client.sender.clone();
+        let r = match sender.poll_ready(&mut Context::from_waker(Waker::noop())) {
+            Poll::Ready(Err(e)) => Err(format!("HTTP/2 connection: {e}")),
+            Poll::Ready(Ok(())) | Poll::Pending => self.send_stream_request(&mut sender, id, &out),
+        };
+        if let Err(m) = r {
+            // `fail` takes the state's lock, which the caller holds.
+            let router = self.clone();
+            tokio::spawn(async move { router.fail(m) });
+        }
+    }
+
+    /// Client: sends the request of stream `id`'s HTTP/2 stream (`sender` is ready) and
+    /// hands its response to the reader.
+    fn send_stream_request(
+        &self,
+        sender: &mut h2::client::SendRequest<Bytes>,
+        id: u32,
+        out: &OutQueue,
+    ) -> Result<(), String> {
+        let client = self.client.as_ref().ok_or("no client side")?;
+        let token = client.token.get().ok_or("no session token")?.clone();
+        // Each stream's id is new: never worth a slot in HPACK's dynamic table.
+        let mut stream_id = HeaderValue::from(id);
+        stream_id.set_sensitive(true);
+        let req = Request::post(client.uri.clone())
+            .header(http::header::CONTENT_TYPE, CONTENT_TYPE)
+            .header(SESSION_HEADER, token)
+            .header(STREAM_HEADER, stream_id)
+            .body(())
+            .map_err(|e| format!("building the request for stream {id}: {e}"))?;
+        let (response, stream) = sender
+            .send_request(req, false)
+            .map_err(|e| format!("HTTP/2 stream for libchan stream {id}: {e}"))?;
+        out.attach(stream);
+        self.add_body(Bind::Stream(id), ClientBody::Response { id, response });
+        Ok(())
     }
 
     /// Hands an inbound HTTP/2 body to the session's reader, which polls it from now on.
@@ -539,38 +579,63 @@ impl Router {
     }
 }
 
-async fn client_stream(router: &Arc<Router>, id: u32, out: Arc<OutQueue>) -> Result<(), String> {
-    let client = router.client.as_ref().ok_or("no client side")?;
-    let mut token = client.token.clone();
-    let token = token
-        .wait_for(|t| t.is_some())
-        .await
-        .map_err(|_| "session token never arrived".to_owned())?
-        .clone()
-        .ok_or("no session token")?;
-    let req = Request::post(client.uri.clone())
-        .header(http::header::CONTENT_TYPE, CONTENT_TYPE)
-        .header(SESSION_HEADER, token)
-        .header(STREAM_HEADER, id)
-        .body(OutBody::stream(out))
-        .map_err(|e| format!("building the request for stream {id}: {e}"))?;
-    let mut sender = client.sender.clone();
-    sender
-        .ready()
-        .await
-        .map_err(|e| format!("HTTP/2 connection: {e}"))?;
-    let resp = sender
-        .send_request(req)
-        .await
-        .map_err(|e| format!("HTTP/2 stream for libchan stream {id}: {e}"))?;
-    if resp.status() != StatusCode::OK {
-        return Err(format!(
-            "the server answered HTTP {} to the HTTP/2 stream of libchan stream {id}",
-            resp.status()
-        ));
+/// Client: the response side of one of our HTTP/2 streams, read by the session's reader:
+/// first the response's head (which must be 200), then its body.
+pub(crate) enum ClientBody {
+    /// Waiting for the response to the request of libchan stream `id`.
+    Response {
+        id: u32,
+        response: h2::client::ResponseFuture,
+    },
+    /// The response's body.
+    Body(h2::RecvStream),
+}
+
+impl Body for ClientBody {
+    type Data = Bytes;
+    type Error = String;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, String>>> {
+        let this = self.get_mut();
+        loop {
+            match this {
+                ClientBody::Response { id, response } => {
+                    let resp = match Pin::new(response).poll(cx) {
+                        Poll::Pending => return Poll::Pending,
+                        Poll::Ready(Err(e)) => {
+                            return Poll::Ready(Some(Err(format!(
+                                "HTTP/2 stream for libchan stream {id}: {e}"
+                            ))))
+                        }
+                        Poll::Ready(Ok(r)) => r,
+                    };
+                    if resp.status() != StatusCode::OK {
+                        return Poll::Ready(Some(Err(format!(
+                            "the server answered HTTP {} to the HTTP/2 stream of libchan stream {id}",
+                            resp.status()
+                        ))));
+                    }
+                    *this = ClientBody::Body(resp.into_body());
+                }
+                ClientBody::Body(body) => {
+                    return match body.poll_data(cx) {
+                        Poll::Ready(Some(Ok(d))) => {
+                            // Read means consumed: the multiplexer's credit bounds what
+                            // the reader holds.
+                            let _ = body.flow_control().release_capacity(d.len());
+                            Poll::Ready(Some(Ok(http_body::Frame::data(d))))
+                        }
+                        Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.to_string()))),
+                        Poll::Ready(None) => Poll::Ready(None),
+                        Poll::Pending => Poll::Pending,
+                    };
+                }
+            }
+        }
     }
-    router.add_body(Bind::Stream(id), resp.into_body());
-    Ok(())
 }
 
 /// The [`Link`] a session's multiplexer runs over.

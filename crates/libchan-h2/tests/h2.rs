@@ -107,6 +107,15 @@ mod http {
     /// Serves `endpoint` at /libchan beside a REST route, counting the HTTP requests that
     /// reach /libchan.
     async fn combined_server(endpoint: Endpoint) -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+        combined_server_with(endpoint, None).await
+    }
+
+    /// [`combined_server`] whose HTTP/2 connections allow at most `max_streams`
+    /// concurrent streams, if given.
+    async fn combined_server_with(
+        endpoint: Endpoint,
+        max_streams: Option<u32>,
+    ) -> (std::net::SocketAddr, Arc<AtomicUsize>) {
         let requests = Arc::new(AtomicUsize::new(0));
         let count = requests.clone();
         let service = hyper::service::service_fn(move |req: Request<Incoming>| {
@@ -138,8 +147,11 @@ mod http {
                 };
                 let service = service.clone();
                 tokio::spawn(async move {
-                    let builder =
+                    let mut builder =
                         hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                    if let Some(n) = max_streams {
+                        builder.http2().max_concurrent_streams(n);
+                    }
                     let _ = builder
                         .serve_connection_with_upgrades(TokioIo::new(tcp), service)
                         .await;
@@ -221,6 +233,40 @@ mod http {
         tcp.read_to_string(&mut resp).await.expect("read");
         assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
         assert!(resp.ends_with("hello from REST"), "{resp}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn channels_beyond_the_servers_stream_limit_wait_for_room() {
+        // A hyper server that allows 4 concurrent HTTP/2 streams: the control stream and
+        // three channels. The client opens 12 at once; the others wait for streams to end.
+        let endpoint = Endpoint::new(config());
+        let (addr, requests) = combined_server_with(endpoint.clone(), Some(4)).await;
+        let client = H2Client::new(addr.to_string(), config())
+            .connect()
+            .await
+            .expect("connect");
+        let server = endpoint.accept().await.expect("accept");
+        let reader = tokio::spawn(async move {
+            let mut got = Vec::new();
+            for _ in 0..12 {
+                let mut rx = server
+                    .accept::<u32>()
+                    .await
+                    .expect("accept")
+                    .expect("channel");
+                got.push(rx.recv().await.expect("recv").expect("message"));
+                assert_eq!(rx.recv().await.expect("end"), None);
+            }
+            got.sort_unstable();
+            got
+        });
+        for i in 0..12u32 {
+            let tx = client.open::<u32>().await.expect("open");
+            tx.send(i).await.expect("send");
+        }
+        let got = within("all 12 channels", reader).await.expect("reader");
+        assert_eq!(got, (0..12).collect::<Vec<_>>());
+        assert_eq!(requests.load(Ordering::SeqCst), 13);
     }
 
     #[tokio::test]
