@@ -21,8 +21,81 @@ struct Inner {
     /// The body was dropped (stream reset, connection gone): pushes are discarded.
     dropped: bool,
     waker: Option<Waker>,
-    /// Client side: the HTTP/2 stream the frames go to directly (no body task between).
-    sink: Option<h2::SendStream<Bytes>>,
+    /// Client side (libchan drives h2's client itself): the HTTP/2 stream the frames go
+    /// to, fed by the connection's task through `flusher`.
+    sink: Option<Sink>,
+}
+
+struct Sink {
+    stream: h2::SendStream<Bytes>,
+    flusher: Arc<Flusher>,
+    /// Listed in the flusher's queues to feed.
+    listed: bool,
+    /// The stream's end was sent.
+    end_sent: bool,
+}
+
+/// The queues of one HTTP/2 connection with frames for h2, fed into h2 by the task that
+/// drives the connection (right before it polls the connection, which writes them): h2's
+/// lock is then taken by that task alone, and everything queued since its last turn
+/// leaves in one write.
+#[derive(Default)]
+pub(crate) struct Flusher {
+    state: Mutex<FlusherState>,
+}
+
+#[derive(Default)]
+struct FlusherState {
+    listed: Vec<Arc<OutQueue>>,
+    waker: Option<Waker>,
+    /// The connection's task is gone: nothing is fed any more (and nothing is kept, which
+    /// would tie queues and flusher in a cycle).
+    closed: bool,
+}
+
+impl Flusher {
+    fn lock(&self) -> MutexGuard<'_, FlusherState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn list(&self, q: Arc<OutQueue>) {
+        let mut st = self.lock();
+        if st.closed {
+            return;
+        }
+        st.listed.push(q);
+        let w = st.waker.take();
+        drop(st);
+        if let Some(w) = w {
+            w.wake();
+        }
+    }
+
+    /// Registers the connection's task and hands h2 what the listed queues hold; true if
+    /// there was any (poll the connection again).
+    pub(crate) fn feed(&self, cx: &mut Context<'_>) -> bool {
+        let listed = {
+            let mut st = self.lock();
+            st.waker = Some(cx.waker().clone());
+            std::mem::take(&mut st.listed)
+        };
+        let any = !listed.is_empty();
+        for q in listed {
+            q.feed();
+        }
+        any
+    }
+
+    /// The connection's task ends: drops what is listed, and lists nothing from now on.
+    pub(crate) fn close(&self) {
+        let listed = {
+            let mut st = self.lock();
+            st.closed = true;
+            st.waker = None;
+            std::mem::take(&mut st.listed)
+        };
+        drop(listed);
+    }
 }
 
 /// The frames queued for one direction of one HTTP/2 stream.
@@ -47,60 +120,90 @@ impl OutQueue {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// From now on sends straight on `stream`: what is queued first, then every frame
-    /// pushed (the client side, which drives its HTTP/2 streams itself).
-    pub(crate) fn attach(&self, mut stream: h2::SendStream<Bytes>) {
+    /// From now on the queue feeds `stream` (what it holds, then every frame pushed),
+    /// through `flusher`, the connection's.
+    pub(crate) fn attach(self: &Arc<Self>, stream: h2::SendStream<Bytes>, flusher: &Arc<Flusher>) {
         let mut g = self.lock();
         if g.dropped {
             return;
         }
+        g.sink = Some(Sink {
+            stream,
+            flusher: flusher.clone(),
+            listed: true,
+            end_sent: false,
+        });
+        drop(g);
+        flusher.list(self.clone());
+    }
+
+    /// Hands what is queued to h2 (the connection's task, through its flusher).
+    fn feed(&self) {
+        let mut g = self.lock();
+        let g = &mut *g;
+        let Some(sink) = g.sink.as_mut() else {
+            return;
+        };
+        sink.listed = false;
+        if g.dropped {
+            return;
+        }
         g.bytes = 0;
-        let queued = std::mem::take(&mut g.frames);
-        let mut ok = true;
-        for f in queued {
-            ok = ok && stream.send_data(f, false).is_ok();
+        while let Some(f) = g.frames.pop_front() {
+            // h2 keeps what its flow control does not let out yet; libchan's credit
+            // bounds that (docs/PROTOCOL.md §14).
+            if sink.stream.send_data(f, false).is_err() {
+                // The stream was reset or the connection is gone.
+                g.dropped = true;
+                g.frames.clear();
+                return;
+            }
         }
-        if g.ended && ok {
-            let _ = stream.send_data(Bytes::new(), true);
+        if g.ended && !sink.end_sent {
+            sink.end_sent = true;
+            let _ = sink.stream.send_data(Bytes::new(), true);
         }
-        if !ok {
-            g.dropped = true;
+    }
+
+    /// Lists the queue with its connection's flusher, if it feeds h2 and is not listed.
+    fn list(self: &Arc<Self>, mut g: MutexGuard<'_, Inner>) {
+        let Some(sink) = g.sink.as_mut() else {
+            return;
+        };
+        if sink.listed {
+            return;
         }
-        g.sink = Some(stream);
+        sink.listed = true;
+        let flusher = sink.flusher.clone();
+        drop(g);
+        flusher.list(self.clone());
     }
 
     /// Queues a frame. Ignored after [`end`](OutQueue::end) or once the body is gone.
-    pub(crate) fn push(&self, frame: Bytes) {
+    pub(crate) fn push(self: &Arc<Self>, frame: Bytes) {
         let mut g = self.lock();
         if g.ended || g.dropped {
             return;
         }
-        if let Some(s) = g.sink.as_mut() {
-            // h2 keeps what its flow control does not let out yet; libchan's credit
-            // bounds that (docs/PROTOCOL.md §14).
-            if s.send_data(frame, false).is_err() {
-                g.dropped = true; // the stream was reset or the connection is gone
-            }
-            return;
-        }
         g.bytes += frame.len();
         g.frames.push_back(frame);
+        if g.sink.is_some() {
+            return self.list(g);
+        }
         if let Some(w) = g.waker.take() {
             w.wake();
         }
     }
 
     /// Ends the body once what is queued has been sent.
-    pub(crate) fn end(&self) {
+    pub(crate) fn end(self: &Arc<Self>) {
         let mut g = self.lock();
         if g.ended {
             return;
         }
         g.ended = true;
-        if !g.dropped {
-            if let Some(s) = g.sink.as_mut() {
-                let _ = s.send_data(Bytes::new(), true);
-            }
+        if g.sink.is_some() {
+            return self.list(g);
         }
         if let Some(w) = g.waker.take() {
             w.wake();

@@ -36,8 +36,10 @@ mod router;
 
 use std::collections::HashMap;
 use std::fmt;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, Weak};
+use std::task::Poll;
 
 use bytes::Bytes;
 use http::header::{HeaderName, HeaderValue};
@@ -809,20 +811,35 @@ impl H2Client {
         let uri: Uri = format!("{scheme}://{authority}{}", self.path)
             .parse()
             .map_err(|e| Error::new(ErrorKind::Closed, format!("bad endpoint URI: {e}")))?;
+        let flusher = Arc::new(body::Flusher::default());
         let router = Router::new(
             Role::Dialer,
             Some(ClientSide {
                 sender: sender.clone(),
                 uri: uri.clone(),
                 token: std::sync::OnceLock::new(),
+                flusher: flusher.clone(),
             }),
             peer,
             limits,
             None,
         );
         let weak = Arc::downgrade(&router);
+        let feeder = flusher.clone();
         tokio::spawn(async move {
-            let r = conn.await;
+            // The connection's task: feeds h2 what the session's writer queued, then polls
+            // the connection, which writes it (and reads).
+            let flusher = feeder;
+            let mut conn = std::pin::pin!(conn);
+            let r = std::future::poll_fn(|cx| loop {
+                let fed = flusher.feed(cx);
+                match conn.as_mut().poll(cx) {
+                    Poll::Pending if fed => continue,
+                    r => return r,
+                }
+            })
+            .await;
+            flusher.close();
             if let Some(router) = weak.upgrade() {
                 router.fail(match r {
                     Ok(()) => "HTTP/2 connection closed".to_owned(),
@@ -845,7 +862,7 @@ impl H2Client {
             |e: h2::Error| Error::new(ErrorKind::ConnectionLost, format!("session request: {e}"));
         let mut sender = sender.ready().await.map_err(lost)?;
         let (response, stream) = sender.send_request(req, false).map_err(lost)?;
-        router.control().attach(stream);
+        router.control().attach(stream, &flusher);
         let resp = response.await.map_err(lost)?;
         let status = resp.status();
         if status != StatusCode::OK {

@@ -144,6 +144,8 @@ pub(crate) struct ClientSide {
     pub(crate) uri: Uri,
     /// The session token, set once the control stream's response named it.
     pub(crate) token: std::sync::OnceLock<HeaderValue>,
+    /// Feeds our streams' frames into h2 from the connection's task.
+    pub(crate) flusher: Arc<crate::body::Flusher>,
 }
 
 pub(crate) struct Router {
@@ -539,7 +541,7 @@ impl Router {
         &self,
         sender: &mut h2::client::SendRequest<Bytes>,
         id: u32,
-        out: &OutQueue,
+        out: &Arc<OutQueue>,
     ) -> Result<(), String> {
         let client = self.client.as_ref().ok_or("no client side")?;
         let token = client.token.get().ok_or("no session token")?.clone();
@@ -555,7 +557,7 @@ impl Router {
         let (response, stream) = sender
             .send_request(req, false)
             .map_err(|e| format!("HTTP/2 stream for libchan stream {id}: {e}"))?;
-        out.attach(stream);
+        out.attach(stream, &client.flusher);
         self.add_body(Bind::Stream(id), ClientBody::Response { id, response });
         Ok(())
     }
