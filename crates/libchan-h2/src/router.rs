@@ -138,7 +138,8 @@ struct State {
 }
 
 /// What the client side needs to open HTTP/2 streams (it drives h2's client itself: a
-/// frame goes from the multiplexer's writer straight into h2's send buffer).
+/// stream's request leaves from the writer, its frames through the connection's
+/// [`Flusher`](crate::body::Flusher), its response is read by the session's reader).
 pub(crate) struct ClientSide {
     pub(crate) sender: h2::client::SendRequest<Bytes>,
     pub(crate) uri: Uri,
@@ -157,7 +158,6 @@ pub(crate) struct Router {
     control: Arc<OutQueue>,
     state: Mutex<State>,
     inbound: Arc<Inbound>,
-    shutdown: watch::Sender<bool>,
     /// The next id the peer opens: its OPENs reach the multiplexer in id order (they may
     /// arrive on different HTTP/2 streams, out of order).
     next_peer_open: std::sync::atomic::AtomicU32,
@@ -226,7 +226,6 @@ impl Router {
                 failure: None,
             }),
             inbound: Arc::new(Inbound::default()),
-            shutdown: watch::channel(false).0,
             next_peer_open: std::sync::atomic::AtomicU32::new(if role == Role::Dialer {
                 2
             } else {
@@ -259,10 +258,9 @@ impl Router {
         self.inbound.wake_reader();
     }
 
-    /// The session's reader is gone: stops the tasks that open client streams, and drops
-    /// the bodies nobody will read.
+    /// The session's reader is gone: drops the bodies nobody will read, and any handed
+    /// over from now on.
     fn stop_readers(&self) {
-        self.shutdown.send_replace(true);
         let added = {
             let mut st = self.inbound.lock();
             st.closed = true;
