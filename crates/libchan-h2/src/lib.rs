@@ -69,6 +69,23 @@ pub const DEFAULT_PATH: &str = "/libchan";
 pub const MAX_PENDING_SESSIONS: usize = 128;
 /// Longest refusal text a client reads from a refusing server.
 const MAX_REFUSAL_TEXT: usize = 4096;
+/// Largest header list (HTTP/2's accounting: names, values, 32 bytes each) the client
+/// takes in a response; hyper's client default.
+const MAX_RESPONSE_HEADERS: u32 = 16 * 1024;
+
+/// What to add to an h2 error of a client request: a response head over
+/// [`MAX_RESPONSE_HEADERS`] ends in a stream reset (h2's PROTOCOL_ERROR, or the server's
+/// own reset right behind it), so a reset names that limit as a possible cause.
+pub(crate) fn reset_hint(e: &h2::Error) -> String {
+    if e.is_reset() {
+        format!(
+            " (the stream was reset; a response whose header list is over \
+             {MAX_RESPONSE_HEADERS} bytes is refused that way)"
+        )
+    } else {
+        String::new()
+    }
+}
 
 fn io_err(what: &str, e: std::io::Error) -> Error {
     Error::with_source(ErrorKind::Io, format!("{what}: {e}"), e)
@@ -636,7 +653,8 @@ impl H2Listener {
 ///
 /// `addr` is `host:port`; the request goes to `http://addr/libchan` (h2c with prior
 /// knowledge) or, with [`tls`](H2Client::tls), `https://server_name:port/libchan` with
-/// ALPN `h2`.
+/// ALPN `h2`. The client takes responses whose header list is at most 16 KiB (HTTP/2's
+/// accounting), and tells the server it may not push streams.
 #[derive(Clone)]
 pub struct H2Client {
     addr: String,
@@ -798,6 +816,9 @@ impl H2Client {
         let (sender, conn) = h2::client::Builder::new()
             .initial_window_size(h2_window(limits))
             .initial_connection_window_size(16 * 1024 * 1024)
+            .max_header_list_size(MAX_RESPONSE_HEADERS)
+            // Nothing would read pushed streams: a server may not push.
+            .enable_push(false)
             .handshake::<_, Bytes>(io)
             .await
             .map_err(|e| Error::new(ErrorKind::Handshake, format!("HTTP/2 handshake: {e}")))?;
@@ -858,8 +879,12 @@ impl H2Client {
                 )
             })?;
         req.headers_mut().extend(self.headers.clone());
-        let lost =
-            |e: h2::Error| Error::new(ErrorKind::ConnectionLost, format!("session request: {e}"));
+        let lost = |e: h2::Error| {
+            Error::new(
+                ErrorKind::ConnectionLost,
+                format!("session request: {e}{}", reset_hint(&e)),
+            )
+        };
         let mut sender = sender.ready().await.map_err(lost)?;
         let (response, stream) = sender.send_request(req, false).map_err(lost)?;
         router.control().attach(stream, &flusher);

@@ -607,7 +607,8 @@ impl Body for ClientBody {
                         Poll::Pending => return Poll::Pending,
                         Poll::Ready(Err(e)) => {
                             return Poll::Ready(Some(Err(format!(
-                                "HTTP/2 stream for libchan stream {id}: {e}"
+                                "HTTP/2 stream for libchan stream {id}: {e}{}",
+                                crate::reset_hint(&e)
                             ))))
                         }
                         Poll::Ready(Ok(r)) => r,

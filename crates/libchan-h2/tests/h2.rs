@@ -270,6 +270,42 @@ mod http {
     }
 
     #[tokio::test]
+    async fn a_response_header_list_over_the_clients_limit_is_refused_naming_it() {
+        // A server that answers the session request with 32 KiB of headers: the client
+        // takes at most 16 KiB (hyper's client default, which it had before it drove h2).
+        let service = hyper::service::service_fn(|_req: Request<Incoming>| async {
+            let mut r = Response::new(OutBody::empty());
+            let filler = "x".repeat(32 * 1024);
+            r.headers_mut().insert(
+                "x-filler",
+                ::http::HeaderValue::from_str(&filler).expect("header"),
+            );
+            Ok::<_, std::convert::Infallible>(r)
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move {
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
+            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            let _ = builder
+                .serve_connection_with_upgrades(TokioIo::new(tcp), service)
+                .await;
+        });
+        let err = within(
+            "the refusal",
+            H2Client::new(addr.to_string(), config()).connect(),
+        )
+        .await
+        .expect_err("a 32 KiB header list must be refused");
+        assert_eq!(err.kind(), ErrorKind::ConnectionLost, "{err}");
+        assert!(err.to_string().contains("16384"), "{err}");
+    }
+
+    #[tokio::test]
     async fn authorization_refuses_with_the_http_status_and_names_accepted_peers() {
         let endpoint = Endpoint::new(config()).authorize(|req, _tls| {
             match req.headers.get("authorization").map(|v| v.as_bytes()) {
