@@ -73,6 +73,18 @@ const MAX_REFUSAL_TEXT: usize = 4096;
 /// takes in a response; hyper's client default.
 const MAX_RESPONSE_HEADERS: u32 = 16 * 1024;
 
+/// Whether `name` is a connection-specific header, which HTTP/2 forbids (RFC 9113
+/// §8.2.2; `te` is allowed only as `te: trailers`, which libchan does not send).
+fn is_connection_specific(name: &HeaderName) -> bool {
+    use http::header::{CONNECTION, TE, TRANSFER_ENCODING, UPGRADE};
+    name == CONNECTION
+        || name == TRANSFER_ENCODING
+        || name == UPGRADE
+        || name == TE
+        || name.as_str() == "keep-alive"
+        || name.as_str() == "proxy-connection"
+}
+
 /// What to add to an h2 error of a client request: a response head over
 /// [`MAX_RESPONSE_HEADERS`] ends in a stream reset (h2's PROTOCOL_ERROR, or the server's
 /// own reset right behind it), so a reset names that limit as a possible cause.
@@ -741,7 +753,8 @@ impl H2Client {
     }
 
     /// Adds a header to the session's request (credentials such as `Authorization`).
-    /// Invalid names or values are ignored.
+    /// Invalid names or values are ignored, and so are connection-specific headers
+    /// (`Connection`, `Keep-Alive`, `Transfer-Encoding`, …) over HTTP/2, which forbids them.
     pub fn header(mut self, name: &str, value: &str) -> Self {
         if let (Ok(n), Ok(v)) = (
             HeaderName::from_bytes(name.as_bytes()),
@@ -878,7 +891,14 @@ impl H2Client {
                     format!("building the session request: {e}"),
                 )
             })?;
-        req.headers_mut().extend(self.headers.clone());
+        // HTTP/2 forbids connection-specific headers (h2 refuses a request with one);
+        // hyper's client dropped them, and so does this one.
+        req.headers_mut().extend(
+            self.headers
+                .iter()
+                .filter(|(name, _)| !is_connection_specific(name))
+                .map(|(n, v)| (n.clone(), v.clone())),
+        );
         let lost = |e: h2::Error| {
             Error::new(
                 ErrorKind::ConnectionLost,

@@ -270,6 +270,31 @@ mod http {
     }
 
     #[tokio::test]
+    async fn connection_specific_headers_are_left_out_of_http2_requests() {
+        // HTTP/2 forbids them (h2 refuses such a request); the client drops them.
+        let listener = H2Listener::bind("127.0.0.1:0", config())
+            .await
+            .expect("bind");
+        let client = H2Client::new(listener.local_addr().to_string(), config())
+            .header("connection", "keep-alive")
+            .header("keep-alive", "timeout=5")
+            .header("te", "gzip")
+            .header("x-kept", "yes");
+        let (c, s) = within("connect", async {
+            tokio::join!(client.connect(), listener.accept())
+        })
+        .await;
+        let (c, s) = (c.expect("connect"), s.expect("accept"));
+        let tx = c.open::<u32>().await.expect("open");
+        let mut rx = within("accept", s.accept::<u32>())
+            .await
+            .expect("accept")
+            .expect("channel");
+        tx.send(7).await.expect("send");
+        assert_eq!(rx.recv().await.expect("recv"), Some(7));
+    }
+
+    #[tokio::test]
     async fn a_response_header_list_over_the_clients_limit_is_refused_naming_it() {
         // A server that answers the session request with 32 KiB of headers: the client
         // takes at most 16 KiB (hyper's client default, which it had before it drove h2).
