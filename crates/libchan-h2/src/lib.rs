@@ -73,16 +73,17 @@ const MAX_REFUSAL_TEXT: usize = 4096;
 /// takes in a response; hyper's client default.
 const MAX_RESPONSE_HEADERS: u32 = 16 * 1024;
 
-/// Whether `name` is a connection-specific header, which HTTP/2 forbids (RFC 9113
+/// `headers` without the connection-specific ones, which HTTP/2 forbids (RFC 9113
 /// §8.2.2; `te` is allowed only as `te: trailers`, which libchan does not send).
-fn is_connection_specific(name: &HeaderName) -> bool {
+fn without_connection_headers(headers: &HeaderMap) -> HeaderMap {
     use http::header::{CONNECTION, TE, TRANSFER_ENCODING, UPGRADE};
-    name == CONNECTION
-        || name == TRANSFER_ENCODING
-        || name == UPGRADE
-        || name == TE
-        || name.as_str() == "keep-alive"
-        || name.as_str() == "proxy-connection"
+    let mut h = headers.clone();
+    for name in [CONNECTION, TE, TRANSFER_ENCODING, UPGRADE] {
+        h.remove(name);
+    }
+    h.remove("keep-alive");
+    h.remove("proxy-connection");
+    h
 }
 
 /// What to add to an h2 error of a client request: a response head over
@@ -893,12 +894,8 @@ impl H2Client {
             })?;
         // HTTP/2 forbids connection-specific headers (h2 refuses a request with one);
         // hyper's client dropped them, and so does this one.
-        req.headers_mut().extend(
-            self.headers
-                .iter()
-                .filter(|(name, _)| !is_connection_specific(name))
-                .map(|(n, v)| (n.clone(), v.clone())),
-        );
+        req.headers_mut()
+            .extend(without_connection_headers(&self.headers));
         let lost = |e: h2::Error| {
             Error::new(
                 ErrorKind::ConnectionLost,
