@@ -130,11 +130,11 @@ impl OutQueue {
         g.sink = Some(Sink {
             stream,
             flusher: flusher.clone(),
-            listed: true,
+            listed: false,
             end_sent: false,
         });
-        drop(g);
-        flusher.list(self.clone());
+        // What was queued before, and an end already asked for, go out on its turn.
+        self.list(g);
     }
 
     /// Hands what is queued to h2 (the connection's task, through its flusher).

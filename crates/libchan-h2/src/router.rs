@@ -571,11 +571,7 @@ impl Router {
             return;
         }
         st.added.push((bind, Box::pin(body)));
-        let w = st.waker.take();
-        drop(st);
-        if let Some(w) = w {
-            w.wake();
-        }
+        wake_after(st);
     }
 }
 
@@ -721,10 +717,16 @@ impl Inbound {
     }
 
     fn wake_reader(&self) {
-        let w = self.lock().waker.take();
-        if let Some(w) = w {
-            w.wake();
-        }
+        wake_after(self.lock());
+    }
+}
+
+/// Releases the inbound state, then wakes the reader if it waits.
+fn wake_after(mut st: MutexGuard<'_, InboundState>) {
+    let w = st.waker.take();
+    drop(st);
+    if let Some(w) = w {
+        w.wake();
     }
 }
 
@@ -747,11 +749,7 @@ impl Wake for SlotWake {
         }
         let mut st = self.inbound.lock();
         st.ready.push(self.slot);
-        let w = st.waker.take();
-        drop(st);
-        if let Some(w) = w {
-            w.wake();
-        }
+        wake_after(st);
     }
 }
 
